@@ -1,0 +1,510 @@
+"""`Registry`: the Python client for the lora-registry REST API (push, pull, get, versions, ls).
+
+Used by the CLI, by training scripts and by workers. Speaks only HTTP; large bytes go straight to
+the object store when the server hands out presigned URLs. Every server error is raised as the
+same `registry.core.errors` class the server raised, so callers match on types, not messages.
+
+Safety: push is resumable (blobs first, then an idempotent commit); pull writes each file under a
+temporary name and renames it only after its sha256 matched, through a content-addressed cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from cli.progress import NoProgress, Progress
+from registry.core.errors import (
+    ChecksumMismatch,
+    InvalidInput,
+    RegistryError,
+    Unavailable,
+    error_from_code,
+)
+from registry.core.manifest import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    FileEntry,
+    check_manifest,
+)
+from registry.core.names import parse_name, parse_reference
+from registry.core.peft import check_lora_tensors, parse_adapter_config
+from registry.core.safetensors_header import read_header_from_file
+from registry.core.schemas import (
+    MAX_LABEL_VALUE,
+    MAX_LINEAGE_VALUE,
+    AdapterOut,
+    CompletedPart,
+    Page,
+    UploadInstruction,
+    UploadPlan,
+    VersionFileOut,
+    VersionOut,
+    check_metrics,
+    check_strings,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CHUNK = 1024 * 1024
+RETRIES = 4
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORA_REG_CACHE_DIR") or Path.home() / ".cache" / "lora-reg")
+
+
+@dataclass
+class PushResult:
+    version: VersionOut
+    created: bool
+    uploaded_bytes: int
+    uploaded_files: int
+    skipped_bytes: int  # bytes the registry already had
+
+
+@dataclass
+class PullResult:
+    version: VersionOut
+    path: Path
+    downloaded_bytes: int
+    cached_bytes: int
+
+
+def _retry(action: Callable[[], T], what: str) -> T:
+    """Retry transient failures (network errors, 5xx) with jittered backoff; never 4xx."""
+    for attempt in range(RETRIES):
+        try:
+            return action()
+        except (httpx.TransportError, Unavailable) as exc:
+            if attempt == RETRIES - 1:
+                if isinstance(exc, RegistryError):
+                    raise
+                raise Unavailable(f"{what}: {exc}") from exc
+            time.sleep(min(8.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def collect_files(directory: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Regular files under `directory` (recursively), minus `exclude` globs (path or basename)."""
+    if not directory.is_dir():
+        raise InvalidInput(f"{directory} is not a directory")
+    found = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if any(
+            fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(path.name, pattern)
+            for pattern in exclude
+        ):
+            continue
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def hash_file(path: Path, progress: Progress) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            progress.advance(len(chunk))
+    return size, digest.hexdigest()
+
+
+def check_adapter_folder(directory: Path, files: list[Path]) -> None:
+    """Refuse what the server would refuse, before uploading anything."""
+    relative = {path.relative_to(directory).as_posix(): path for path in files}
+    check_manifest(
+        FileEntry(name, path.stat().st_size, "0" * 64) for name, path in relative.items()
+    )
+    parse_adapter_config(relative[CONFIG_FILE].read_bytes())
+    header = read_header_from_file(str(relative[WEIGHTS_FILE]), name=WEIGHTS_FILE)
+    check_lora_tensors(header, name=WEIGHTS_FILE)
+
+
+class _FileSlice:
+    """Streams part of a file to httpx, reporting progress as bytes are sent."""
+
+    def __init__(self, path: Path, offset: int, size: int, progress: Progress) -> None:
+        self.path, self.offset, self.size, self.progress = path, offset, size, progress
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            remaining = self.size
+            while remaining > 0:
+                chunk = handle.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise InvalidInput(f"{self.path} shrank while it was being uploaded")
+                remaining -= len(chunk)
+                self.progress.advance(len(chunk))
+                yield chunk
+
+
+class Registry:
+    """Client for a lora-registry server.
+
+    >>> reg = Registry("http://127.0.0.1:8000", token=None)
+    >>> reg.push("./out", "team/summarizer", metrics={"rougeL": 0.41})  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        timeout: float = 300.0,
+        concurrency: int = 4,
+    ) -> None:
+        self.url = (url or os.environ.get("LORA_REG_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("LORA_REG_TOKEN")
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.concurrency = concurrency
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        # httpx drops Authorization on redirects to another origin (presigned S3 URLs).
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, follow_redirects=True
+        )
+        # Presigned URLs must not carry our token or base URL.
+        self.raw = httpx.Client(timeout=timeout, follow_redirects=True)
+
+    def close(self) -> None:
+        self.http.close()
+        self.raw.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- HTTP plumbing -------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(
+                f"cannot reach the registry at {self.url} ({type(exc).__name__}: {exc}); is "
+                "`lora-reg server` running? (--url / LORA_REG_URL)"
+            ) from exc
+        _raise_for_problem(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def get(self, ref: str) -> VersionOut:
+        """The version a reference points at (`ns/name`, `@7`, `@alias`, `@sha256:...`)."""
+        parsed = parse_reference(ref)
+        path = f"/api/v1/adapters/{parsed.name}/versions/{parsed.selector}"
+        return VersionOut.model_validate(self._json("GET", path))
+
+    def adapter(self, name: str) -> AdapterOut:
+        return AdapterOut.model_validate(self._json("GET", f"/api/v1/adapters/{parse_name(name)}"))
+
+    def list(
+        self,
+        namespace: str | None = None,
+        *,
+        base: str | None = None,
+        labels: dict[str, str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page[AdapterOut]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if namespace:
+            params["namespace"] = namespace
+        if base:
+            params["base"] = base
+        if labels:
+            params["label"] = [f"{k}={v}" for k, v in labels.items()]
+        return Page[AdapterOut].model_validate(self._json("GET", "/api/v1/adapters", params=params))
+
+    def versions(
+        self, name: str, *, sort: str = "-number", limit: int = 50, offset: int = 0
+    ) -> Page[VersionOut]:
+        path = f"/api/v1/adapters/{parse_name(name)}/versions"
+        data = self._json("GET", path, params={"sort": sort, "limit": limit, "offset": offset})
+        return Page[VersionOut].model_validate(data)
+
+    # --- push ----------------------------------------------------------------------------------
+
+    def push(
+        self,
+        directory: str | Path,
+        name: str,
+        *,
+        base: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        labels: dict[str, str] | None = None,
+        lineage: dict[str, str] | None = None,
+        description: str | None = None,
+        exclude: tuple[str, ...] = (),
+        progress: Progress | None = None,
+    ) -> PushResult:
+        """Push an adapter folder as a new version of `name` (or return the identical one).
+
+        Safe to re-run after any failure: blobs already stored are not sent again.
+        """
+        progress = progress or NoProgress()
+        adapter = parse_name(name)
+        directory = Path(directory)
+        metrics = check_metrics(metrics or {})
+        labels = check_strings("label", labels or {}, MAX_LABEL_VALUE)
+        lineage = check_strings("lineage", lineage or {}, MAX_LINEAGE_VALUE)
+        files = collect_files(directory, exclude)
+        check_adapter_folder(directory, files)
+
+        total = sum(path.stat().st_size for path in files)
+        progress.begin("hashing", total)
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                hashes = list(pool.map(lambda path: hash_file(path, progress), files))
+        finally:
+            progress.end()
+        entries = [
+            FileEntry(path.relative_to(directory).as_posix(), size, sha)
+            for path, (size, sha) in zip(files, hashes, strict=True)
+        ]
+        by_sha = {entry.sha256: directory / entry.path for entry in entries}
+        manifest = [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]
+
+        plan = UploadPlan.model_validate(
+            self._json("POST", f"/api/v1/adapters/{adapter}/uploads", json={"files": manifest})
+        )
+        uploaded = sum(item.size for item in plan.missing)
+        progress.begin(f"uploading {adapter}", uploaded)
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                jobs = []
+                for item in plan.missing:
+                    path = by_sha[item.sha256]
+                    if item.kind == "single":
+                        jobs.append(pool.submit(self._upload_single, item, path, progress))
+                    else:
+                        jobs.append(pool.submit(self._upload_multipart, pool, item, path, progress))
+                for job in jobs:
+                    job.result()
+        finally:
+            progress.end()
+
+        body = {
+            "files": manifest,
+            "base": base,
+            "metrics": metrics,
+            "labels": labels,
+            "lineage": lineage,
+            "description": description,
+        }
+        version = VersionOut.model_validate(
+            self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
+        )
+        return PushResult(
+            version=version,
+            created=bool(version.created),
+            uploaded_bytes=uploaded,
+            uploaded_files=len(plan.missing),
+            skipped_bytes=total - uploaded,
+        )
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        path: Path,
+        offset: int,
+        size: int,
+        headers: dict[str, str],
+        progress: Progress,
+    ) -> httpx.Response:
+        """Send part of a file, retried; relative URLs go to the API (with the token)."""
+        client = self.http if url.startswith("/") else self.raw
+
+        def attempt() -> httpx.Response:
+            response = client.request(
+                method,
+                url,
+                content=_FileSlice(path, offset, size, progress),
+                headers={**headers, "Content-Length": str(size)},
+            )
+            if response.status_code >= 500:
+                raise Unavailable(f"upload of {path.name} failed with HTTP {response.status_code}")
+            return response
+
+        response = _retry(attempt, f"upload of {path}")
+        if url.startswith("/"):
+            _raise_for_problem(response)
+        elif response.status_code >= 400:
+            if "BadDigest" in response.text or "Checksum" in response.text:
+                raise ChecksumMismatch(
+                    f"{path} changed while it was being pushed: its bytes no longer match the "
+                    "sha256 computed at the start; push again"
+                )
+            raise Unavailable(
+                f"object store refused the upload of {path.name}: HTTP {response.status_code} "
+                f"{response.text[:300]}"
+            )
+        return response
+
+    def _upload_single(self, item: UploadInstruction, path: Path, progress: Progress) -> None:
+        assert item.url is not None
+        self._send(item.method, item.url, path, 0, item.size, item.headers, progress)
+
+    def _upload_multipart(
+        self, pool: ThreadPoolExecutor, item: UploadInstruction, path: Path, progress: Progress
+    ) -> None:
+        # Parts go to their own small pool so a large file does not starve the shared one.
+        with ThreadPoolExecutor(self.concurrency) as parts_pool:
+            futures = [
+                parts_pool.submit(
+                    self._send, "PUT", part.url, path, part.offset, part.size, {}, progress
+                )
+                for part in item.parts
+            ]
+            parts = [
+                CompletedPart(part_number=part.part_number, etag=future.result().headers["ETag"])
+                for part, future in zip(item.parts, futures, strict=True)
+            ]
+        assert item.complete_url and item.upload_id and item.key
+        body = {
+            "upload_id": item.upload_id,
+            "key": item.key,
+            "size": item.size,
+            "parts": [p.model_dump() for p in parts],
+        }
+        _retry(
+            lambda: self._request("POST", item.complete_url or "", json=body), "completing upload"
+        )
+
+    # --- pull ----------------------------------------------------------------------------------
+
+    def pull(
+        self, ref: str, out_dir: str | Path | None = None, *, progress: Progress | None = None
+    ) -> PullResult:
+        """Download a version into `out_dir` (default `./<name>`), verified, through the cache.
+
+        Each file is written under a temporary name and renamed only after its sha256 matched;
+        cached blobs are re-hashed on use and fetched again if they no longer match.
+        """
+        progress = progress or NoProgress()
+        version = self.get(ref)
+        target = Path(out_dir) if out_dir else Path(version.adapter.split("/")[1])
+        files = version.files or []
+        downloaded = cached = 0
+        total = sum(f.size for f in files)
+        progress.begin(f"pulling {version.adapter}@{version.number}", total)
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                results = list(pool.map(lambda f: self._pull_file(f, target, progress), files))
+        finally:
+            progress.end()
+        for file, from_network in zip(files, results, strict=True):
+            if from_network:
+                downloaded += file.size
+            else:
+                cached += file.size
+        return PullResult(version, target, downloaded, cached)
+
+    def _cache_path(self, sha256: str) -> Path:
+        return self.cache_dir / "blobs" / "sha256" / sha256[:2] / sha256
+
+    def _pull_file(self, file: VersionFileOut, target: Path, progress: Progress) -> bool:
+        """Place one file; True when its bytes came over the network."""
+        destination = target / file.path
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        cache = self._cache_path(file.sha256)
+        if cache.exists() and _copy_verified(cache, destination, file.sha256, progress):
+            return False
+        cache.unlink(missing_ok=True)
+        _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
+        if not _copy_verified(cache, destination, file.sha256, NoProgress()):
+            raise ChecksumMismatch(f"{cache} changed while {file.path} was being written")
+        return True
+
+    def _download(self, file: VersionFileOut, cache: Path, progress: Progress) -> None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}.partial")
+        digest = hashlib.sha256()
+        received = 0
+        client = self.http if file.url.startswith("/") else self.raw
+        try:
+            with client.stream("GET", file.url) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_problem(response)
+                with open(partial, "wb") as handle:
+                    for chunk in response.iter_bytes(CHUNK):
+                        digest.update(chunk)
+                        handle.write(chunk)
+                        received += len(chunk)
+                        progress.advance(len(chunk))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if received != file.size or digest.hexdigest() != file.sha256:
+                raise ChecksumMismatch(
+                    f"{file.path}: downloaded {received} bytes hashing to "
+                    f"sha256:{digest.hexdigest()}, expected {file.size} bytes with "
+                    f"sha256:{file.sha256}; the stored blob is damaged"
+                )
+            os.replace(partial, cache)
+        except BaseException:
+            progress.advance(-received)
+            raise
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def _copy_verified(source: Path, destination: Path, sha256: str, progress: Progress) -> bool:
+    """Copy `source` to `destination` atomically if its bytes hash to `sha256`."""
+    partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.partial")
+    digest = hashlib.sha256()
+    try:
+        with open(source, "rb") as reader, open(partial, "wb") as writer:
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                writer.write(chunk)
+                progress.advance(len(chunk))
+            writer.flush()
+            os.fsync(writer.fileno())
+        if digest.hexdigest() != sha256:
+            progress.advance(-source.stat().st_size)
+            return False
+        os.replace(partial, destination)
+        return True
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _raise_for_problem(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        code, detail = body["code"], body.get("detail") or body.get("title", "")
+        details = body.get("details") or {}
+    except (ValueError, KeyError, TypeError):
+        if response.status_code >= 500:
+            raise Unavailable(
+                f"registry answered HTTP {response.status_code}: {response.text[:300]}"
+            ) from None
+        raise RegistryError(
+            f"registry answered HTTP {response.status_code}: {response.text[:300]}"
+        ) from None
+    raise error_from_code(code, detail, details)

@@ -1,0 +1,347 @@
+"""`lora-reg`: the command line (typer). Thin: parses flags, calls `cli.client.Registry`, prints.
+
+Human output is rich tables on stdout and progress bars on stderr; `--json` prints machine output
+on stdout. Errors print one line on stderr and exit with the code of their class
+(`registry.core.errors`); `-v` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from cli.client import DEFAULT_URL, Registry
+from cli.progress import NoProgress, Progress, RichProgress
+from registry.core.errors import InvalidInput, RegistryError
+from registry.core.schemas import VersionOut
+
+app = typer.Typer(
+    name="lora-reg",
+    help="Push, pull and browse versioned LoRA adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class State:
+    url: str = DEFAULT_URL
+    token: str | None = None
+    verbose: bool = False
+    quiet: bool = False
+
+
+state = State()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+@app.callback()
+def main_options(
+    url: Annotated[
+        str, typer.Option(envvar="LORA_REG_URL", help="Registry API URL.")
+    ] = DEFAULT_URL,
+    token: Annotated[
+        str | None, typer.Option(envvar="LORA_REG_TOKEN", help="Bearer token.", show_default=False)
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    state.url, state.token, state.verbose, state.quiet = url, token, verbose, quiet
+
+
+def registry(cache_dir: Path | None = None) -> Registry:
+    return Registry(state.url, state.token, cache_dir=cache_dir)
+
+
+def progress() -> Progress:
+    return NoProgress() if state.quiet or not sys.stderr.isatty() else RichProgress()
+
+
+def emit_json(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def parse_pairs(kind: str, pairs: list[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--{kind} {pair!r}: expected key=value")
+        result[key] = value
+    return result
+
+
+def _when(value: datetime) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in sorted(metrics.items()))
+
+
+def _base(version: VersionOut) -> str:
+    if not version.base_model_id:
+        return "-"
+    return version.base_model_id + (
+        f"@{version.base_model_revision}" if version.base_model_revision else ""
+    )
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@app.command()
+def push(
+    directory: Annotated[
+        Path, typer.Argument(help="PEFT adapter folder (save_pretrained output).")
+    ],
+    name: Annotated[str, typer.Argument(help="Adapter name: namespace/name.")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model id[@revision]; default from adapter_config.json.")
+    ] = None,
+    metric: Annotated[list[str], typer.Option(help="Eval metric name=number (repeatable).")] = [],  # noqa: B006
+    label: Annotated[list[str], typer.Option(help="Label key=value (repeatable).")] = [],  # noqa: B006
+    lineage: Annotated[
+        list[str], typer.Option(help="Lineage key=value: run, dataset, commit... (repeatable).")
+    ] = [],  # noqa: B006
+    description: Annotated[str | None, typer.Option(help="Free-text description.")] = None,
+    exclude: Annotated[
+        list[str], typer.Option(help="Glob of files to leave out (repeatable).")
+    ] = [],  # noqa: B006
+    as_json: JsonOpt = False,
+) -> None:
+    """Push an adapter folder as a new immutable version."""
+    metrics: dict[str, Any] = parse_pairs("metric", metric)
+    with registry() as client:
+        result = client.push(
+            directory,
+            name,
+            base=base,
+            metrics=metrics,
+            labels=parse_pairs("label", label),
+            lineage=parse_pairs("lineage", lineage),
+            description=description,
+            exclude=tuple(exclude),
+            progress=progress(),
+        )
+    if as_json:
+        emit_json(
+            {
+                "version": result.version.model_dump(mode="json"),
+                "created": result.created,
+                "uploaded_bytes": result.uploaded_bytes,
+                "uploaded_files": result.uploaded_files,
+                "skipped_bytes": result.skipped_bytes,
+            }
+        )
+        return
+    v = result.version
+    verb = "pushed" if result.created else "already exists as"
+    out.print(
+        f"{verb} {v.adapter}@{v.number} {v.digest}\n"
+        f"  uploaded {_size(result.uploaded_bytes)} in {result.uploaded_files} file(s), "
+        f"{_size(result.skipped_bytes)} already stored"
+    )
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="ns/name, ns/name@7 or ns/name@sha256:...")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder to write (default ./<name>).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="LORA_REG_CACHE_DIR", help="Blob cache (default ~/.cache/lora-reg)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a version, verified, through the local cache."""
+    with registry(cache_dir) as client:
+        result = client.pull(ref, output, progress=progress())
+    if as_json:
+        emit_json(
+            {
+                "version": result.version.model_dump(mode="json"),
+                "path": str(result.path),
+                "downloaded_bytes": result.downloaded_bytes,
+                "cached_bytes": result.cached_bytes,
+            }
+        )
+        return
+    v = result.version
+    out.print(
+        f"pulled {v.adapter}@{v.number} {v.digest} into {result.path}\n"
+        f"  downloaded {_size(result.downloaded_bytes)}, {_size(result.cached_bytes)} from cache"
+    )
+
+
+@app.command("ls")
+def list_adapters(
+    namespace: Annotated[str | None, typer.Argument(help="Only this namespace.")] = None,
+    base: Annotated[str | None, typer.Option(help="Only adapters for this base model.")] = None,
+    label: Annotated[list[str], typer.Option(help="Only with label key=value.")] = [],  # noqa: B006
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List adapters."""
+    with registry() as client:
+        page = client.list(
+            namespace, base=base, labels=parse_pairs("label", label), limit=limit, offset=offset
+        )
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("adapter", "versions", "latest", "base", "metrics", "created")
+    for item in page.items:
+        latest = item.latest
+        table.add_row(
+            item.name,
+            str(item.version_count),
+            f"@{latest.number}" if latest else "-",
+            _base(latest) if latest else "-",
+            _metrics(latest.metrics) if latest else "",
+            _when(latest.created_at) if latest else "",
+        )
+    out.print(table)
+    _page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="ns/name[@version|@sha256:...]")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one version: metadata, metrics, lineage and files."""
+    with registry() as client:
+        version = client.get(ref)
+    if as_json:
+        emit_json(version)
+        return
+    targets = version.target_modules
+    rows = [
+        ("version", f"{version.adapter}@{version.number}"),
+        ("digest", version.digest),
+        ("base model", _base(version)),
+        ("peft", f"{version.peft_type} task={version.task_type or '-'}"),
+        (
+            "rank / alpha",
+            f"r={version.r} alpha={version.lora_alpha:g}"
+            + (" rslora" if version.use_rslora else "")
+            + (" dora" if version.use_dora else ""),
+        ),
+        ("target modules", ", ".join(targets) if isinstance(targets, list) else str(targets)),
+        ("metrics", _metrics(version.metrics) or "-"),
+        ("labels", " ".join(f"{k}={v}" for k, v in sorted(version.labels.items())) or "-"),
+        ("lineage", " ".join(f"{k}={v}" for k, v in sorted(version.lineage.items())) or "-"),
+        ("description", version.description or "-"),
+        ("created", f"{_when(version.created_at)} by {version.created_by or '-'}"),
+        ("size", f"{_size(version.size)} in {version.file_count} file(s)"),
+    ]
+    table = Table(show_header=False, box=None)
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", value)
+    out.print(table)
+    files = Table("file", "size", "sha256")
+    for file in version.files or []:
+        files.add_row(file.path, _size(file.size), file.sha256[:16])
+    out.print(files)
+
+
+@app.command()
+def versions(
+    name: Annotated[str, typer.Argument(help="ns/name")],
+    sort: Annotated[
+        str, typer.Option(help="number, created or metrics.<name>; prefix '-' for descending.")
+    ] = "-number",
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the versions of an adapter."""
+    with registry() as client:
+        page = client.versions(name, sort=sort, limit=limit, offset=offset)
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("version", "digest", "base", "r", "metrics", "created", "by")
+    for v in page.items:
+        table.add_row(
+            f"@{v.number}",
+            v.digest[:19],
+            _base(v),
+            str(v.r),
+            _metrics(v.metrics),
+            _when(v.created_at),
+            v.created_by or "-",
+        )
+    out.print(table)
+    _page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+def _page_footer(total: int, offset: int, shown: int, next_offset: int | None) -> None:
+    if next_offset is not None:
+        err.print(f"{offset + 1}-{offset + shown} of {total}; next page: --offset {next_offset}")
+
+
+def _register_server_commands() -> None:
+    from cli.server_commands import db_app, server
+
+    app.command()(server)
+    app.add_typer(db_app, name="db")
+
+
+_register_server_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one place that turns errors into messages and exit codes."""
+    try:
+        app(args=argv, prog_name="lora-reg", standalone_mode=False)
+    except RegistryError as exc:
+        if state.verbose:
+            err.print_exception()
+        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if state.verbose:
+            err.print_exception()
+        err.print(f"[red]error[/red]: {type(exc).__name__}: {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

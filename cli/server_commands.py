@@ -1,0 +1,91 @@
+"""`lora-reg server` and `lora-reg db ...`: the only CLI commands that run server code.
+
+They import `registry.server` / `registry.db` inside the command bodies, so the rest of the CLI
+works without the `[server]` extra; without it these commands say which extra to install.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+db_app = typer.Typer(help="Database schema: upgrade, current, downgrade.", no_args_is_help=True)
+
+
+def _server_modules() -> tuple[object, object]:
+    try:
+        from registry import db, server
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        typer.echo(
+            f"the server needs the [server] extra: pip install 'lora-registry[server]' ({exc})",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    return server, db
+
+
+def server(
+    host: Annotated[str, typer.Option(envvar="LORA_REG_HOST", help="Interface to bind.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(envvar="LORA_REG_PORT", help="Port to listen on.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the registry API server (migrates SQLite; checks PostgreSQL is migrated)."""
+    _server_modules()
+    from registry.server import StartupError, serve
+
+    try:
+        serve(host, port, log_level)
+    except StartupError as exc:
+        typer.echo(f"error: cannot start the server: {exc}", err=True)
+        sys.exit(7)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Apply migrations (LORA_REG_DATABASE_URL)."""
+    _server_modules()
+    from registry.db import upgrade
+    from registry.server import StartupError, load_settings
+
+    try:
+        settings = load_settings()
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    upgrade(settings, revision)
+    typer.echo(f"database at {revision}", err=True)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and the one this code needs."""
+    _server_modules()
+    from registry.db import make_engine, schema_status
+    from registry.server import load_settings
+
+    settings = load_settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        status = schema_status(engine, settings.sqlalchemy_url)
+    finally:
+        engine.dispose()
+    typer.echo(f"current: {status.current or '-'}  head: {status.head}")
+    if not status.up_to_date:
+        sys.exit(1)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]) -> None:
+    """Revert migrations down to REVISION (use 'base' for an empty schema)."""
+    _server_modules()
+    from registry.db import downgrade
+    from registry.server import load_settings
+
+    downgrade(load_settings(), revision)
+    typer.echo(f"database at {revision}", err=True)

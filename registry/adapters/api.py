@@ -1,0 +1,141 @@
+"""REST endpoints for adapters and versions under /api/v1/adapters (routes only: no SQL here)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from registry.adapters import service
+from registry.blobs import service as blobs
+from registry.core.errors import InvalidInput
+from registry.core.manifest import check_manifest
+from registry.core.names import AdapterName, Reference, check_part, parse_selector
+from registry.core.schemas import (
+    AdapterOut,
+    CommitRequest,
+    Page,
+    UploadPlan,
+    UploadPlanRequest,
+    VersionFileOut,
+    VersionOut,
+)
+from registry.deps import ActorDep, SessionDep, SettingsDep, StoreDep
+
+router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
+
+Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _name(namespace: str, name: str) -> AdapterName:
+    return AdapterName(check_part("namespace", namespace), check_part("name", name))
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"label filter {pair!r} must be key=value")
+        labels[key] = value
+    return labels
+
+
+@router.get("", response_model=Page[AdapterOut])
+def list_adapters(
+    session: SessionDep,
+    namespace: str | None = None,
+    base: str | None = None,
+    label: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies defaults)
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[AdapterOut]:
+    """Adapters, filtered by namespace, base model (`org/model[@rev]`) and labels (`key=value`)."""
+    return service.list_adapters(
+        session,
+        namespace=check_part("namespace", namespace) if namespace else None,
+        base=base,
+        labels=_labels(label),
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{namespace}/{name}", response_model=AdapterOut)
+def get_adapter(session: SessionDep, namespace: str, name: str) -> AdapterOut:
+    return service.get_adapter(session, _name(namespace, name))
+
+
+@router.get("/{namespace}/{name}/versions", response_model=Page[VersionOut])
+def list_versions(
+    session: SessionDep,
+    namespace: str,
+    name: str,
+    sort: str = "-number",
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[VersionOut]:
+    """Versions, sorted by `number`, `created` or `metrics.<name>`; `-` for descending."""
+    return service.list_versions(
+        session, _name(namespace, name), sort=sort, limit=limit, offset=offset
+    )
+
+
+@router.get("/{namespace}/{name}/versions/{selector}", response_model=VersionOut)
+def get_version(session: SessionDep, namespace: str, name: str, selector: str) -> VersionOut:
+    """One version with its files; `selector` is a number, `latest`, an alias or a digest."""
+    adapter = _name(namespace, name)
+    version = service.resolve(session, Reference(adapter, parse_selector(selector)))
+    return service.version_out(session, adapter, version, with_files=True)
+
+
+@router.get("/{namespace}/{name}/versions/{selector}/files", response_model=list[VersionFileOut])
+def get_version_files(
+    session: SessionDep, namespace: str, name: str, selector: str
+) -> list[VersionFileOut]:
+    return get_version(session, namespace, name, selector).files or []
+
+
+@router.post("/{namespace}/{name}/uploads", response_model=UploadPlan)
+def plan_upload(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    namespace: str,
+    name: str,
+    request: UploadPlanRequest,
+) -> UploadPlan:
+    """Push step 1: which blobs are missing, and how to upload each of them."""
+    _name(namespace, name)
+    entries = check_manifest(
+        (spec.entry() for spec in request.files),
+        max_files=settings.max_files,
+        max_bytes=settings.max_version_bytes,
+    )
+    return blobs.plan_upload(session, store, settings, entries)
+
+
+@router.post(
+    "/{namespace}/{name}/versions",
+    response_model=VersionOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": VersionOut, "description": "identical content already existed"}},
+)
+def commit_version(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    namespace: str,
+    name: str,
+    request: CommitRequest,
+    response: Response,
+) -> VersionOut:
+    """Push step 3: create the version from uploaded blobs (idempotent by content digest)."""
+    version = service.commit_version(
+        session, store, settings, _name(namespace, name), request, actor
+    )
+    if not version.created:
+        response.status_code = status.HTTP_200_OK
+    return version

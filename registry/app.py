@@ -1,0 +1,123 @@
+"""The FastAPI application: routers, the one error shape, and health endpoints.
+
+Every error leaves as RFC 9457 problem+json with the registry's stable `code`
+(`registry.core.schemas.Problem`): registry errors, request validation errors and unknown routes
+alike. `create_app` takes settings so tests and the server build it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry import __version__
+from registry.adapters.api import router as adapters_router
+from registry.blobs.api import router as blobs_router
+from registry.core.errors import DatabaseUnavailable, RegistryError
+from registry.core.schemas import Problem
+from registry.db import make_engine
+from registry.settings import Settings
+from registry.storage import open_store
+
+log = logging.getLogger("registry")
+
+PROBLEM_JSON = "application/problem+json"
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+def problem(status: int, code: str, title: str, detail: str, **details: Any) -> JSONResponse:
+    body = Problem(
+        type=f"https://lora-registry.dev/errors/{code}",
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        details=details,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, media_type=PROBLEM_JSON)
+
+
+async def _registry_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RegistryError)
+    if exc.status >= 500:
+        log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
+    return problem(exc.status, exc.code, exc.title, exc.message, **exc.details)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = str(first.get("msg", "invalid request"))
+    # Validators raising our own errors keep their code (e.g. invalid_path).
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, RegistryError):
+        return problem(cause.status, cause.code, cause.title, cause.message, **cause.details)
+    return problem(
+        422,
+        "invalid_input",
+        "Invalid input.",
+        f"{where}: {message}" if where else message,
+        errors=[{"loc": list(e.get("loc", ())), "msg": str(e.get("msg"))} for e in errors[:20]],
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    return problem(exc.status_code, code, str(exc.detail), str(exc.detail))
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=exc)
+    return problem(500, "internal", "Unexpected registry error.", f"{type(exc).__name__}: {exc}")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="lora-registry",
+        version=__version__,
+        description="Versioned, content-addressed registry for LoRA adapters.",
+    )
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.sqlalchemy_url)
+    app.state.store = open_store(settings)
+    app.include_router(adapters_router)
+    app.include_router(blobs_router)
+    app.add_exception_handler(RegistryError, _registry_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """The database and the object store are reachable."""
+
+        def check() -> None:
+            try:
+                with app.state.engine.connect() as connection:
+                    connection.execute(sa.text("SELECT 1"))
+            except sa.exc.SQLAlchemyError as exc:
+                raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+            app.state.store.check()
+
+        try:
+            await run_in_threadpool(check)
+        except RegistryError as exc:
+            return problem(exc.status, exc.code, exc.title, exc.message)
+        return JSONResponse({"status": "ready"})
+
+    return app

@@ -1,0 +1,1 @@
+"""Blobs: content-addressed bytes, their rows, and the endpoints that move them."""

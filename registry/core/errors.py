@@ -1,0 +1,238 @@
+"""The one error hierarchy of lora-registry.
+
+Each class carries its HTTP status, its CLI exit code and a stable `code` string that clients
+match on (never the message). A class's docstring is its default message. The API renders every
+error as problem+json (`registry.api`), and the CLI maps `code` back to an exit code with
+`exit_code_for`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RegistryError(Exception):
+    """Unexpected registry error."""
+
+    status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or self.code).strip()
+        self.details = details
+        super().__init__(self.message)
+
+    @property
+    def title(self) -> str:
+        return (type(self).__doc__ or self.code).strip().splitlines()[0]
+
+
+# --- 404 ---------------------------------------------------------------------------------------
+
+
+class NotFound(RegistryError):
+    """Not found."""
+
+    status = 404
+    exit_code = 3
+    code = "not_found"
+
+
+class AdapterNotFound(NotFound):
+    """Adapter not found."""
+
+    code = "adapter_not_found"
+
+
+class VersionNotFound(NotFound):
+    """Adapter version not found."""
+
+    code = "version_not_found"
+
+
+class AliasNotFound(NotFound):
+    """Alias not found."""
+
+    code = "alias_not_found"
+
+
+class BlobNotFound(NotFound):
+    """Blob not found in the object store."""
+
+    code = "blob_not_found"
+
+
+# --- 409 ---------------------------------------------------------------------------------------
+
+
+class Conflict(RegistryError):
+    """The request conflicts with the current state; re-read it and retry."""
+
+    status = 409
+    exit_code = 4
+    code = "conflict"
+
+
+# --- 401 / 403 ---------------------------------------------------------------------------------
+
+
+class NotAuthenticated(RegistryError):
+    """A valid token is required: pass --token or set LORA_REG_TOKEN."""
+
+    status = 401
+    exit_code = 5
+    code = "not_authenticated"
+
+
+class NotPermitted(RegistryError):
+    """Your token's scope does not allow this."""
+
+    status = 403
+    exit_code = 5
+    code = "not_permitted"
+
+
+# --- 400 / 413 / 422 ---------------------------------------------------------------------------
+
+
+class InvalidInput(RegistryError):
+    """Invalid input."""
+
+    status = 422
+    exit_code = 6
+    code = "invalid_input"
+
+
+class InvalidName(InvalidInput):
+    """Invalid adapter name: use namespace/name, lower-case letters, digits, '.', '_' or '-'."""
+
+    code = "invalid_name"
+
+
+class InvalidReference(InvalidInput):
+    """Invalid reference: use ns/name, ns/name@7, ns/name@alias or ns/name@sha256:<64 hex>."""
+
+    code = "invalid_reference"
+
+
+class InvalidPath(InvalidInput):
+    """Invalid file path in the manifest: use relative paths with '/' separators."""
+
+    code = "invalid_path"
+
+
+class TooManyFiles(InvalidInput):
+    """The version has too many files."""
+
+    code = "too_many_files"
+
+
+class VersionTooLarge(InvalidInput):
+    """The version is larger than the server allows."""
+
+    status = 413
+    code = "version_too_large"
+
+
+class MissingFile(InvalidInput):
+    """A required adapter file is missing."""
+
+    code = "missing_file"
+
+
+class PickleRefused(InvalidInput):
+    """Pickle weight files are refused: they can run code when loaded. Convert to safetensors."""
+
+    code = "pickle_refused"
+
+
+class InvalidAdapterConfig(InvalidInput):
+    """adapter_config.json is missing a field or is not valid JSON."""
+
+    code = "invalid_adapter_config"
+
+
+class UnsupportedPeftType(InvalidInput):
+    """Only LoRA adapters (peft_type "LORA") are supported."""
+
+    code = "unsupported_peft_type"
+
+
+class InvalidSafetensors(InvalidInput):
+    """The safetensors file is malformed."""
+
+    code = "invalid_safetensors"
+
+
+class InvalidLoraTensors(InvalidInput):
+    """The LoRA tensors are inconsistent."""
+
+    code = "invalid_lora_tensors"
+
+
+class InvalidMetric(InvalidInput):
+    """Metric values must be finite numbers."""
+
+    code = "invalid_metric"
+
+
+class ChecksumMismatch(InvalidInput):
+    """The uploaded bytes do not match their declared sha256 digest or size."""
+
+    status = 400
+    code = "checksum_mismatch"
+
+
+class BlobMissing(InvalidInput):
+    """A file of the version has not been uploaded yet; upload it, then commit again."""
+
+    code = "blob_missing"
+
+
+# --- 503 ---------------------------------------------------------------------------------------
+
+
+class Unavailable(RegistryError):
+    """A backing service is unavailable; retry later."""
+
+    status = 503
+    exit_code = 7
+    code = "unavailable"
+
+
+class StorageUnavailable(Unavailable):
+    """The object store is unavailable; retry later."""
+
+    code = "storage_unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database is unavailable; retry later."""
+
+    code = "database_unavailable"
+
+
+def _all_subclasses(cls: type[RegistryError]) -> list[type[RegistryError]]:
+    found: list[type[RegistryError]] = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+_ALL_ERRORS: list[type[RegistryError]] = [RegistryError, *_all_subclasses(RegistryError)]
+ERRORS_BY_CODE: dict[str, type[RegistryError]] = {error.code: error for error in _ALL_ERRORS}
+
+
+def error_from_code(
+    code: str, message: str, details: dict[str, Any] | None = None
+) -> RegistryError:
+    """Rebuild the error a server sent (clients use it to raise the same class)."""
+    cls = ERRORS_BY_CODE.get(code, RegistryError)
+    return cls(message, **(details or {}))
+
+
+def exit_code_for(code: str) -> int:
+    """The CLI exit code for an error code; unknown codes exit 1."""
+    return ERRORS_BY_CODE.get(code, RegistryError).exit_code

@@ -1,0 +1,216 @@
+"""Wire shapes of the REST API, shared by the server and the Python client.
+
+Pydantic models only; validation that needs no I/O (names, metric values, file entries) happens
+here so that the CLI rejects bad input before uploading a byte, with the same message the server
+would give.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from registry.core.errors import InvalidInput, InvalidMetric
+from registry.core.manifest import FileEntry, check_path, check_sha256
+
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
+MAX_LABEL_VALUE = 256
+MAX_LINEAGE_VALUE = 2048
+MAX_DESCRIPTION = 10_000
+MAX_ENTRIES = 100
+
+
+def check_key(kind: str, key: str) -> str:
+    if not KEY_RE.fullmatch(key):
+        raise InvalidInput(
+            f"invalid {kind} name {key!r}: use 1-64 of letters, digits, '_', '.', ':', '/', '-' "
+            "starting with a letter or digit",
+            key=key,
+        )
+    return key
+
+
+def check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metric name -> finite number; booleans, strings, NaN and infinities are refused."""
+    if len(metrics) > MAX_ENTRIES:
+        raise InvalidMetric(f"at most {MAX_ENTRIES} metrics per version")
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        check_key("metric", key)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise InvalidMetric(f"metric {key}={value!r} is not a number", metric=key) from None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise InvalidMetric(
+                f"metric {key}={value!r} is not a finite number; metrics must be finite numbers "
+                "such as rougeL=0.41",
+                metric=key,
+            )
+        clean[key] = float(value)
+    return clean
+
+
+def check_strings(kind: str, values: dict[str, Any], max_value: int) -> dict[str, str]:
+    if len(values) > MAX_ENTRIES:
+        raise InvalidInput(f"at most {MAX_ENTRIES} {kind} entries per version")
+    clean: dict[str, str] = {}
+    for key, value in values.items():
+        check_key(kind, key)
+        if not isinstance(value, str) or len(value) > max_value:
+            raise InvalidInput(
+                f"{kind} {key}: the value must be a string of at most {max_value} characters",
+                key=key,
+            )
+        clean[key] = value
+    return clean
+
+
+class FileSpec(BaseModel):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return check_path(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        return check_sha256(value)
+
+    def entry(self) -> FileEntry:
+        return FileEntry(self.path, self.size, self.sha256)
+
+
+class UploadPlanRequest(BaseModel):
+    files: list[FileSpec]
+
+
+class UploadPart(BaseModel):
+    part_number: int
+    url: str
+    offset: int
+    size: int
+
+
+class UploadInstruction(BaseModel):
+    """How to upload one missing blob.
+
+    `single`: send the whole blob with `method` to `url` with `headers` (a relative URL is on
+    the API server). `multipart`: send each part to its URL, then POST the collected ETags to
+    `complete_url`.
+    """
+
+    sha256: str
+    size: int
+    kind: Literal["single", "multipart"]
+    method: str = "PUT"
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    upload_id: str | None = None
+    key: str | None = None
+    parts: list[UploadPart] = Field(default_factory=list)
+    complete_url: str | None = None
+
+
+class UploadPlan(BaseModel):
+    missing: list[UploadInstruction]
+    present: list[str]  # sha256 hex of blobs already stored
+
+
+class CompletedPart(BaseModel):
+    part_number: int
+    etag: str
+
+
+class CompleteMultipart(BaseModel):
+    upload_id: str
+    key: str
+    size: int
+    parts: list[CompletedPart]
+
+
+class CommitRequest(BaseModel):
+    files: list[FileSpec]
+    base: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
+
+
+class VersionFileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+    url: str  # where to GET the bytes (relative URLs are on the API server)
+
+
+class VersionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    adapter: str  # ns/name
+    number: int
+    digest: str
+    base_model_id: str | None
+    base_model_revision: str | None
+    peft_type: str
+    task_type: str | None
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str | None
+    use_dora: bool
+    use_rslora: bool
+    adapter_config: dict[str, Any]
+    metrics: dict[str, float]
+    labels: dict[str, str]
+    lineage: dict[str, str]
+    description: str | None
+    size: int
+    file_count: int
+    created_at: datetime
+    created_by: str | None
+    files: list[VersionFileOut] | None = None
+    created: bool | None = None  # set on commit: False when identical content already existed
+
+
+class AdapterOut(BaseModel):
+    name: str  # ns/name
+    namespace: str
+    created_at: datetime
+    version_count: int
+    latest: VersionOut | None
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus the registry's stable error `code`."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    details: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,44 @@
+"""FastAPI dependencies: the request's database session, the store, the settings, the actor.
+
+The session dependency commits when the endpoint returns and rolls back when it raises; with
+`scope="function"` the commit happens before the response is sent, so a client never sees a
+success for a write that did not land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from registry.db import session_scope
+from registry.settings import Settings
+from registry.storage import ObjectStore
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(request.app.state.engine) as session:
+        yield session
+
+
+def get_store(request: Request) -> ObjectStore:
+    store: ObjectStore = request.app.state.store
+    return store
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_actor(request: Request) -> str | None:
+    """Who is calling, for audit rows. Tokens arrive with the access-control issue."""
+    return None
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ActorDep = Annotated[str | None, Depends(get_actor)]

@@ -1,0 +1,40 @@
+"""Small SQL helpers shared by the services: dialect-neutral upserts and row locks.
+
+Services call these inside the request's transaction; nothing here commits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, SQLModel
+
+
+def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on both SQLite and PostgreSQL."""
+    if not rows:
+        return
+    table = model.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    statement: Any
+    if dialect == "postgresql":
+        statement = postgresql.insert(table).values(rows).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(table).values(rows).on_conflict_do_nothing()
+    else:  # pragma: no cover - only the two supported databases reach here
+        raise NotImplementedError(dialect)
+    session.execute(statement)
+
+
+def for_update(session: Session, statement: Any) -> Any:
+    """Lock the selected rows until the transaction ends (SQLite already holds the DB lock)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return statement.with_for_update()
+    return statement
+
+
+def count(session: Session, statement: Any) -> int:
+    subquery = statement.order_by(None).subquery()
+    return int(session.execute(sa.select(sa.func.count()).select_from(subquery)).scalar_one())

@@ -1,0 +1,80 @@
+"""Server settings, read from `LORA_REG_*` environment variables and validated at start-up.
+
+Owned by the server process; the CLI has its own light options (URL, token, cache) and never
+imports this module.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from registry.core.manifest import DEFAULT_MAX_FILES, DEFAULT_MAX_VERSION_BYTES
+
+DEFAULT_HOME = Path(".lora-reg")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORA_REG_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_HOME}/registry.db",
+        description="sqlite:///path or postgresql://user@host:port/db",
+    )
+    storage_url: str = Field(
+        default=f"file://{DEFAULT_HOME}/objects",
+        description="file://path or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)",
+    )
+    max_files: int = Field(default=DEFAULT_MAX_FILES, ge=1)
+    max_version_bytes: int = Field(default=DEFAULT_MAX_VERSION_BYTES, ge=1)
+    # Blobs above this size are uploaded in parts of `part_size` bytes (S3 store only).
+    multipart_threshold: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
+    part_size: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
+    presign_expiry_s: int = Field(default=3600, ge=60)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        scheme = urlparse(value).scheme.split("+")[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(
+                f"LORA_REG_DATABASE_URL must start with sqlite:/// or postgresql://, got {value!r}"
+            )
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(
+                    f"LORA_REG_STORAGE_URL {value!r} names no bucket: s3://bucket/prefix"
+                )
+        elif parsed.scheme != "file":
+            raise ValueError(
+                f"LORA_REG_STORAGE_URL must start with file:// or s3://, got {value!r}"
+            )
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the driver SQLAlchemy should use (psycopg 3 for PostgreSQL)."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,270 @@
+"""S3 store: blobs in any S3-compatible bucket (`s3://bucket/prefix`). The only boto3 user.
+
+The endpoint and credentials come from boto3's standard chain (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, instance roles...). Clients upload and download directly with presigned
+URLs. A single PUT is signed with the blob's sha256 (`x-amz-checksum-sha256`), so S3 itself
+refuses bytes that do not match; a multipart upload goes to a staging key, is hashed by the server
+on completion and only then copied under its content address.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from registry.core.errors import BlobNotFound, ChecksumMismatch, StorageUnavailable
+from registry.core.schemas import CompletedPart, UploadInstruction, UploadPart
+from registry.storage.base import ObjectStore
+
+CHUNK = 1024 * 1024
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+
+
+def b64_sha256(sha256: str) -> str:
+    return base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn botocore errors into registry errors, once, here."""
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise BlobNotFound(f"{what}: not found in the object store") from exc
+        if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+            raise ChecksumMismatch(f"{what}: the bytes do not match their sha256") from exc
+        raise StorageUnavailable(f"{what}: object store error {code}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"{what}: object store unreachable: {exc}") from exc
+
+
+class S3Store(ObjectStore):
+    transfer_mode = "direct"
+
+    def __init__(self, bucket: str, prefix: str = "", *, presign_expiry_s: int = 3600) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.presign_expiry_s = presign_expiry_s
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(
+            signature_version="s3v4",
+            # Custom endpoints (SeaweedFS, MinIO...) rarely resolve bucket sub-domains.
+            s3={"addressing_style": "path" if endpoint else "auto"},
+            retries={"max_attempts": 5, "mode": "standard"},
+            # Checksums are chosen explicitly (sha256) where they matter; no SDK defaults.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1",
+            config=config,
+        )
+
+    def object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def blob_object_key(self, sha256: str) -> str:
+        return self.object_key(self.key(sha256))
+
+    def check(self) -> None:
+        with _translated(f"bucket {self.bucket}"):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                raise StorageUnavailable(
+                    f"bucket {self.bucket!r} is not reachable: {exc}; create it or fix "
+                    "LORA_REG_STORAGE_URL / AWS_ENDPOINT_URL / credentials"
+                ) from exc
+
+    def _head(self, sha256: str, **extra: Any) -> dict[str, Any] | None:
+        with _translated(f"blob sha256:{sha256}"):
+            try:
+                return dict(
+                    self.client.head_object(
+                        Bucket=self.bucket, Key=self.blob_object_key(sha256), **extra
+                    )
+                )
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code", "")) in _MISSING:
+                    return None
+                raise
+
+    def blob_size(self, sha256: str) -> int | None:
+        head = self._head(sha256)
+        return None if head is None else int(head["ContentLength"])
+
+    def verify_blob(self, sha256: str, size: int) -> bool:
+        head = self._head(sha256, ChecksumMode="ENABLED")
+        if head is None or int(head["ContentLength"]) != size:
+            return False
+        stored = head.get("ChecksumSHA256")
+        if stored and "-" not in stored:
+            return bool(stored == b64_sha256(sha256))
+        # No full-object checksum recorded (copied or foreign object): hash the bytes.
+        digest = hashlib.sha256()
+        for chunk in self.iter_blob(sha256):
+            digest.update(chunk)
+        return digest.hexdigest() == sha256
+
+    def put_blob(self, sha256: str, size: int, stream: BinaryIO) -> None:
+        # Proxied upload: S3 checks the sha256 we sign, so a mismatch stores nothing.
+        data = stream.read(size + 1)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise ChecksumMismatch(
+                f"upload of sha256:{sha256} does not match its declared size or digest",
+                sha256=sha256,
+            )
+        with _translated(f"blob sha256:{sha256}"):
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.blob_object_key(sha256),
+                Body=data,
+                ChecksumSHA256=b64_sha256(sha256),
+            )
+
+    def read_range(self, sha256: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with _translated(f"blob sha256:{sha256}"):
+            response = self.client.get_object(
+                Bucket=self.bucket,
+                Key=self.blob_object_key(sha256),
+                Range=f"bytes={start}-{start + length - 1}",
+            )
+            return bytes(response["Body"].read())
+
+    def iter_blob(self, sha256: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        with _translated(f"blob sha256:{sha256}"):
+            response = self.client.get_object(Bucket=self.bucket, Key=self.blob_object_key(sha256))
+            body = response["Body"]
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+    # --- direct transfers ----------------------------------------------------------------------
+
+    def download_url(self, sha256: str) -> str:
+        with _translated(f"blob sha256:{sha256}"):
+            return str(
+                self.client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": self.blob_object_key(sha256)},
+                    ExpiresIn=self.presign_expiry_s,
+                )
+            )
+
+    def upload_instruction(
+        self, sha256: str, size: int, *, multipart_threshold: int, part_size: int
+    ) -> UploadInstruction:
+        with _translated(f"blob sha256:{sha256}"):
+            if size <= multipart_threshold:
+                checksum = b64_sha256(sha256)
+                url = self.client.generate_presigned_url(
+                    "put_object",
+                    Params={
+                        "Bucket": self.bucket,
+                        "Key": self.blob_object_key(sha256),
+                        "ChecksumSHA256": checksum,
+                        "ContentLength": size,
+                    },
+                    ExpiresIn=self.presign_expiry_s,
+                )
+                return UploadInstruction(
+                    sha256=sha256,
+                    size=size,
+                    kind="single",
+                    url=url,
+                    headers={"x-amz-checksum-sha256": checksum},
+                )
+            key = self.object_key(f"uploads/{uuid.uuid4().hex}/{sha256}")
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            parts = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                url = self.client.generate_presigned_url(
+                    "upload_part",
+                    Params={
+                        "Bucket": self.bucket,
+                        "Key": key,
+                        "UploadId": upload_id,
+                        "PartNumber": number,
+                    },
+                    ExpiresIn=self.presign_expiry_s,
+                )
+                parts.append(
+                    UploadPart(
+                        part_number=number,
+                        url=url,
+                        offset=offset,
+                        size=min(part_size, size - offset),
+                    )
+                )
+            return UploadInstruction(
+                sha256=sha256,
+                size=size,
+                kind="multipart",
+                upload_id=upload_id,
+                key=key,
+                parts=parts,
+                complete_url=f"/api/v1/blobs/sha256:{sha256}/multipart",
+            )
+
+    def complete_multipart(
+        self, sha256: str, size: int, upload_id: str, key: str, parts: list[CompletedPart]
+    ) -> None:
+        """Finish a multipart upload, hash it, and copy it to its content address if it matches.
+
+        The staging object is deleted in every case, so a bad upload leaves nothing behind.
+        """
+        staging = self.object_key("uploads/")
+        if not key.startswith(staging) or not key.endswith(f"/{sha256}") or ".." in key:
+            raise ChecksumMismatch(f"multipart key {key!r} does not belong to sha256:{sha256}")
+        with _translated(f"multipart upload of sha256:{sha256}"):
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": p.part_number, "ETag": p.etag}
+                        for p in sorted(parts, key=lambda p: p.part_number)
+                    ]
+                },
+            )
+            try:
+                digest = hashlib.sha256()
+                length = 0
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                for chunk in body.iter_chunks(CHUNK):
+                    digest.update(chunk)
+                    length += len(chunk)
+                if length != size or digest.hexdigest() != sha256:
+                    raise ChecksumMismatch(
+                        f"multipart upload of sha256:{sha256} does not match: got {length} bytes "
+                        f"hashing to sha256:{digest.hexdigest()}",
+                        sha256=sha256,
+                    )
+                self.client.copy(
+                    {"Bucket": self.bucket, "Key": key},
+                    self.bucket,
+                    self.blob_object_key(sha256),
+                    Config=TransferConfig(multipart_threshold=5 * 1024**3),
+                )
+            finally:
+                self.client.delete_object(Bucket=self.bucket, Key=key)

@@ -1,0 +1,1 @@
+"""Shared test helpers: a throwaway SeaweedFS S3 server and real tiny PEFT adapter factories."""
