@@ -120,7 +120,8 @@ def tiny_config(arch: str) -> PretrainedConfig:
         "gpt2": transformers.GPT2Config,
         "bert": transformers.BertConfig,
     }[arch]
-    return config_cls(**_CONFIG_KWARGS[arch])
+    config: PretrainedConfig = config_cls(**_CONFIG_KWARGS[arch])
+    return config
 
 
 def build_base_model(
@@ -139,8 +140,11 @@ def build_base_model(
     # fork_rng: seeding the global generator must not leak into the calling test.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls.from_config(config, dtype=_resolve_dtype(dtype))
-    model.eval()
+        model: PreTrainedModel = model_cls.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=_resolve_dtype(dtype)
+        )
+    # gpt2 and bert default to dropout 0.1: eval mode keeps forward passes deterministic.
+    model.eval()  # type: ignore[no-untyped-call]
     return model
 
 
@@ -232,5 +236,5 @@ def make_adapter(
     # "auto" would look base_model_name_or_path up on the Hugging Face Hub to detect a resized
     # vocabulary (a network call; we never resize). PEFT's auto rule otherwise saves the full
     # embedding matrices exactly when an embedding layer is targeted, so do the same offline.
-    peft_model.save_pretrained(out_dir, save_embedding_layers=targets_embedding)
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=targets_embedding)
     return out_dir
