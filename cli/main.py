@@ -30,7 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(soft_wrap=True)
+# Piped output is read by scripts and greps: never truncate or wrap it to a guessed width.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -318,28 +319,21 @@ _register_server_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: one place that turns errors into messages and exit codes."""
+    """Console-script entry point: one place that turns errors into messages and exit codes.
+
+    Usage errors are click's (exit 2); registry errors exit with their class's code.
+    """
     try:
-        app(args=argv, prog_name="lora-reg", standalone_mode=False)
+        app(args=argv, prog_name="lora-reg")
     except RegistryError as exc:
         if state.verbose:
             err.print_exception()
         err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except OSError as exc:
         if state.verbose:
             err.print_exception()
-        err.print(f"[red]error[/red]: {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[red]error[/red]: {exc}", highlight=False)
         sys.exit(1)
 
 

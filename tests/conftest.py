@@ -64,6 +64,9 @@ def make_bucket(endpoint: str) -> str:
 def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """boto3 environment for in-process S3 use, pointing at the session's SeaweedFS."""
     env = s3_environment(seaweed.endpoint)
+    # A developer's shell must not redirect the tests to another endpoint or account.
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -117,12 +120,19 @@ class RunningServer:
         return Registry(self.url, cache_dir=cache_dir)
 
     def cli(
-        self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         """Run `lora-reg ARGS` in a subprocess against this server, as a user would."""
-        return run_cli(*args, cwd=cwd or self.workdir, env={"LORA_REG_URL": self.url, **(env or {})},
-                       timeout=timeout)
+        return run_cli(
+            *args,
+            cwd=cwd or self.workdir,
+            env={"LORA_REG_URL": self.url, **(env or {})},
+            timeout=timeout,
+        )
 
 
 def lora_reg_command() -> list[str]:
@@ -175,8 +185,13 @@ def server_environment(
     return env, bucket
 
 
-def start_server(workdir: Path, env: dict[str, str], backend: str, bucket: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> RunningServer:
+def start_server(
+    workdir: Path,
+    env: dict[str, str],
+    backend: str,
+    bucket: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> RunningServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full_env = {**env, **(extra_env or {})}
@@ -243,7 +258,9 @@ def servers(
 
 
 @pytest.fixture(params=BACKENDS)
-def server(request: pytest.FixtureRequest, servers: Callable[[str], RunningServer]) -> RunningServer:
+def server(
+    request: pytest.FixtureRequest, servers: Callable[[str], RunningServer]
+) -> RunningServer:
     """The real server, on SQLite + folder store and on PostgreSQL + SeaweedFS."""
     return servers(request.param)
 

@@ -9,7 +9,7 @@ import pytest
 
 from cli.client import Registry
 from registry.core.errors import AdapterNotFound, VersionNotFound
-from registry.core.manifest import manifest_digest, FileEntry
+from registry.core.manifest import FileEntry, manifest_digest
 from tests.conftest import copy_adapter, unique_name
 
 
@@ -55,7 +55,9 @@ def test_push_creates_version_one_with_metadata_parsed_from_the_config(
     assert result.uploaded_bytes == version.size
 
 
-def test_pull_returns_exactly_the_pushed_bytes(client: Registry, adapter_dir, tmp_path: Path) -> None:
+def test_pull_returns_exactly_the_pushed_bytes(
+    client: Registry, adapter_dir, tmp_path: Path
+) -> None:
     name = unique_name()
     source = adapter_dir("gpt2")
     pushed = client.push(source, name).version

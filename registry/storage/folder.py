@@ -6,6 +6,7 @@ into place, so a reader never sees a partial blob even if the server is killed m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -50,11 +51,11 @@ class FolderStore(ObjectStore):
         return self.blob_size(sha256) == size
 
     def put_blob(self, sha256: str, size: int, stream: BinaryIO) -> None:
-        self.tmp.mkdir(parents=True, exist_ok=True)
         temp = self.tmp / f"{sha256}.{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         written = 0
         try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
             with open(temp, "wb") as handle:
                 while chunk := stream.read(CHUNK):
                     written += len(chunk)
@@ -78,7 +79,8 @@ class FolderStore(ObjectStore):
         except OSError as exc:
             raise StorageUnavailable(f"cannot write to folder store {self.root}: {exc}") from exc
         finally:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
 
     def read_range(self, sha256: str, start: int, length: int) -> bytes:
         try:

@@ -10,6 +10,7 @@ on completion and only then copied under its content address.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import uuid
@@ -63,6 +64,8 @@ class S3Store(ObjectStore):
             # Custom endpoints (SeaweedFS, MinIO...) rarely resolve bucket sub-domains.
             s3={"addressing_style": "path" if endpoint else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
             # Checksums are chosen explicitly (sha256) where they matter; no SDK defaults.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -142,11 +145,17 @@ class S3Store(ObjectStore):
         if length <= 0:
             return b""
         with _translated(f"blob sha256:{sha256}"):
-            response = self.client.get_object(
-                Bucket=self.bucket,
-                Key=self.blob_object_key(sha256),
-                Range=f"bytes={start}-{start + length - 1}",
-            )
+            try:
+                response = self.client.get_object(
+                    Bucket=self.bucket,
+                    Key=self.blob_object_key(sha256),
+                    Range=f"bytes={start}-{start + length - 1}",
+                )
+            except ClientError as exc:
+                # A range starting at or past the end: no bytes, like reading a file there.
+                if str(exc.response.get("Error", {}).get("Code", "")) == "InvalidRange":
+                    return b""
+                raise
             return bytes(response["Body"].read())
 
     def iter_blob(self, sha256: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
@@ -236,17 +245,25 @@ class S3Store(ObjectStore):
         if not key.startswith(staging) or not key.endswith(f"/{sha256}") or ".." in key:
             raise ChecksumMismatch(f"multipart key {key!r} does not belong to sha256:{sha256}")
         with _translated(f"multipart upload of sha256:{sha256}"):
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={
-                    "Parts": [
-                        {"PartNumber": p.part_number, "ETag": p.etag}
-                        for p in sorted(parts, key=lambda p: p.part_number)
-                    ]
-                },
-            )
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={
+                        "Parts": [
+                            {"PartNumber": p.part_number, "ETag": p.etag}
+                            for p in sorted(parts, key=lambda p: p.part_number)
+                        ]
+                    },
+                )
+            except ClientError:
+                # Free the parts: a failed completion must not leave storage behind.
+                with contextlib.suppress(ClientError):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                raise
             try:
                 digest = hashlib.sha256()
                 length = 0

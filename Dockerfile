@@ -1,0 +1,32 @@
+# lora-registry image: one image for the API server, the migration job and the merge worker
+# (docker-compose.yml picks the command). CPU-only torch keeps it a few hundred MB, not GBs.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+
+# torch first, from the CPU index: resolving `.[all]` against PyPI alone would pull the multi-GB
+# CUDA build. Its own layer, so code changes don't re-download it.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+# Only what the package needs, listed explicitly so a local .venv or caches never reach a layer.
+# README.md is pyproject.toml's `readme`: it must exist in the build context.
+COPY pyproject.toml README.md ./
+COPY registry ./registry
+COPY cli ./cli
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install ".[all]"
+
+# Run as an unprivileged user; its home is the working directory so the default file:// store
+# and SQLite paths (used only when no LORA_REG_* URLs are given) stay writable.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/app app
+USER app
+WORKDIR /home/app
+
+EXPOSE 8000
+CMD ["lora-reg", "server", "--host", "0.0.0.0", "--port", "8000"]
