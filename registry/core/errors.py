@@ -18,7 +18,7 @@ class RegistryError(Exception):
     exit_code: ClassVar[int] = 1
     code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str | None = None, /, **details: Any) -> None:
         self.message = message or (self.__doc__ or self.code).strip()
         self.details = details
         super().__init__(self.message)

@@ -65,7 +65,7 @@ def check_path(path: str) -> str:
         raise bad("absolute paths are not allowed; use a path relative to the adapter folder")
     if any(part == ".." for part in path.split("/")):
         raise bad("'..' is not allowed")
-    if posixpath.normpath(path) != path or path.startswith("./"):
+    if posixpath.normpath(path) != path or path.startswith("./") or path == ".":
         raise bad(f"not normalised (expected {posixpath.normpath(path)!r})")
     return path
 

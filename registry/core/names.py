@@ -78,7 +78,7 @@ def parse_selector(text: str | None) -> Selector:
     """The part after `@`: a version number, an alias, `sha256:<hex>`; empty or None is latest."""
     if text is None or text == "" or text == "latest":
         return Selector("latest")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         if int(text) < 1 or text.startswith("0"):
             raise InvalidReference(f"invalid version number {text!r}: versions start at 1")
         return Selector("number", text)

@@ -39,7 +39,7 @@ def parse_adapter_config(data: bytes, *, name: str = "adapter_config.json") -> A
         raise InvalidAdapterConfig(f"{name} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidAdapterConfig(
             f"{name} is not valid JSON ({exc}); write it with PEFT's save_pretrained"
         ) from None

@@ -105,12 +105,14 @@ def parse_header(raw: bytes, *, file_size: int, name: str = "file") -> Safetenso
 
     try:
         document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise bad(f"not UTF-8 JSON ({exc})") from None
     if not isinstance(document, dict):
         raise bad("the header must be a JSON object")
 
-    metadata_raw = document.pop("__metadata__", None) or {}
+    metadata_raw = document.pop("__metadata__", None)
+    if metadata_raw is None:
+        metadata_raw = {}
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
     ):
@@ -123,7 +125,7 @@ def parse_header(raw: bytes, *, file_size: int, name: str = "file") -> Safetenso
         dtype = spec.get("dtype")
         shape = spec.get("shape")
         offsets = spec.get("data_offsets")
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise bad(
                 f"tensor {tensor_name!r} has unknown dtype {dtype!r} "
                 f"(known: {', '.join(sorted(DTYPE_BITS))})",

@@ -46,11 +46,15 @@ def check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                 value = float(value)
             except ValueError:
                 raise InvalidMetric(f"metric {key}={value!r} is not a number", metric=key) from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        try:
+            finite = (
+                not isinstance(value, bool)
+                and isinstance(value, int | float)
+                and math.isfinite(value)
+            )
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             raise InvalidMetric(
                 f"metric {key}={value!r} is not a finite number; metrics must be finite numbers "
                 "such as rougeL=0.41",

