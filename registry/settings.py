@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     multipart_threshold: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
     part_size: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
     presign_expiry_s: int = Field(default=3600, ge=60)
+    # Where clients reach S3 when it differs from the server's AWS_ENDPOINT_URL (containers,
+    # private networks): presigned URLs are signed for this endpoint.
+    s3_public_endpoint: str | None = None
 
     @field_validator("database_url")
     @classmethod

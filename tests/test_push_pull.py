@@ -52,7 +52,8 @@ def test_push_creates_version_one_with_metadata_parsed_from_the_config(
     files = [FileEntry(f.path, f.size, f.sha256) for f in version.files or []]
     assert {f.path: f.sha256 for f in files} == tree_digest(source)
     assert version.digest == manifest_digest(files)
-    assert result.uploaded_bytes == version.size
+    # Blobs are shared across adapters: some may already be stored by other pushes.
+    assert result.uploaded_bytes + result.skipped_bytes == version.size
 
 
 def test_pull_returns_exactly_the_pushed_bytes(

@@ -29,4 +29,5 @@ def open_store(settings: Settings) -> ObjectStore:
         bucket=parsed.netloc,
         prefix=parsed.path.strip("/"),
         presign_expiry_s=settings.presign_expiry_s,
+        public_endpoint=settings.s3_public_endpoint,
     )

@@ -54,7 +54,14 @@ def _translated(what: str) -> Iterator[None]:
 class S3Store(ObjectStore):
     transfer_mode = "direct"
 
-    def __init__(self, bucket: str, prefix: str = "", *, presign_expiry_s: int = 3600) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        presign_expiry_s: int = 3600,
+        public_endpoint: str | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.presign_expiry_s = presign_expiry_s
@@ -62,7 +69,7 @@ class S3Store(ObjectStore):
         config = Config(
             signature_version="s3v4",
             # Custom endpoints (SeaweedFS, MinIO...) rarely resolve bucket sub-domains.
-            s3={"addressing_style": "path" if endpoint else "auto"},
+            s3={"addressing_style": "path" if endpoint or public_endpoint else "auto"},
             retries={"max_attempts": 5, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
@@ -70,13 +77,15 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.client: Any = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1",
-            config=config,
+            "s3", endpoint_url=endpoint, region_name=region, config=config
+        )
+        # Presigned URLs are signed for the host clients use; signing is local, no I/O.
+        self.presigner: Any = (
+            boto3.client("s3", endpoint_url=public_endpoint, region_name=region, config=config)
+            if public_endpoint
+            else self.client
         )
 
     def object_key(self, key: str) -> str:
@@ -172,7 +181,7 @@ class S3Store(ObjectStore):
     def download_url(self, sha256: str) -> str:
         with _translated(f"blob sha256:{sha256}"):
             return str(
-                self.client.generate_presigned_url(
+                self.presigner.generate_presigned_url(
                     "get_object",
                     Params={"Bucket": self.bucket, "Key": self.blob_object_key(sha256)},
                     ExpiresIn=self.presign_expiry_s,
@@ -185,7 +194,7 @@ class S3Store(ObjectStore):
         with _translated(f"blob sha256:{sha256}"):
             if size <= multipart_threshold:
                 checksum = b64_sha256(sha256)
-                url = self.client.generate_presigned_url(
+                url = self.presigner.generate_presigned_url(
                     "put_object",
                     Params={
                         "Bucket": self.bucket,
@@ -206,7 +215,7 @@ class S3Store(ObjectStore):
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
             parts = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
-                url = self.client.generate_presigned_url(
+                url = self.presigner.generate_presigned_url(
                     "upload_part",
                     Params={
                         "Bucket": self.bucket,

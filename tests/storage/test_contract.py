@@ -394,6 +394,23 @@ def test_presigned_single_put_of_the_right_bytes_stores_the_blob(s3_store: S3Sto
     assert s3_store.read_blob(sha, len(data)) == data
 
 
+def test_presigned_urls_are_signed_for_the_public_endpoint(
+    seaweed: SeaweedServer, s3_store: S3Store
+) -> None:
+    """Behind containers or private networks clients reach S3 at another address."""
+    public = seaweed.endpoint.replace("127.0.0.1", "localhost")
+    store = S3Store(s3_store.bucket, "reg", public_endpoint=public)
+    data, sha = make_blob()
+    instruction = store.upload_instruction(
+        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
+    )
+    assert instruction.url and instruction.url.startswith(public + "/")
+    response = httpx.put(instruction.url, content=data, headers=instruction.headers)
+    assert response.status_code == 200, response.text
+    assert store.download_url(sha).startswith(public + "/")
+    assert httpx.get(store.download_url(sha)).content == data
+
+
 def test_presigned_single_put_of_wrong_bytes_is_refused_by_s3(s3_store: S3Store) -> None:
     data, sha = make_blob()
     instruction = s3_store.upload_instruction(
