@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -51,8 +52,36 @@ def _translated(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"{what}: object store unreachable: {exc}") from exc
 
 
+class _HashingReader(io.RawIOBase):
+    """Hashes what boto3 reads from a stream, and never reads more than `limit` + 1 bytes."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self._limit = limit
+        self.length = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        # One byte past the limit is enough to tell "too long" in _publish_staged.
+        room = self._limit + 1 - self.length
+        if room <= 0:
+            return b""
+        data = self._stream.read(room if size < 0 else min(size, room))
+        self._digest.update(data)
+        self.length += len(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 class S3Store(ObjectStore):
     transfer_mode = "direct"
+    #: Proxied uploads up to this size go in one checksummed PUT; larger ones are streamed.
+    proxy_single_put_limit = 64 * 1024 * 1024
 
     def __init__(
         self,
@@ -135,20 +164,34 @@ class S3Store(ObjectStore):
         return digest.hexdigest() == sha256
 
     def put_blob(self, sha256: str, size: int, stream: BinaryIO) -> None:
-        # Proxied upload: S3 checks the sha256 we sign, so a mismatch stores nothing.
-        data = stream.read(size + 1)
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-            raise ChecksumMismatch(
-                f"upload of sha256:{sha256} does not match its declared size or digest",
-                sha256=sha256,
-            )
+        """Proxied upload (clients normally upload directly with presigned URLs)."""
+        if size <= self.proxy_single_put_limit:
+            data = stream.read(size + 1)
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+                raise ChecksumMismatch(
+                    f"upload of sha256:{sha256} does not match its declared size or digest",
+                    sha256=sha256,
+                )
+            with _translated(f"blob sha256:{sha256}"):
+                # S3 checks the sha256 we sign as well, so a mismatch stores nothing.
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.blob_object_key(sha256),
+                    Body=data,
+                    ChecksumSHA256=b64_sha256(sha256),
+                )
+            return
+        # Large: stream to a staging key while hashing, publish only if the bytes match.
+        hashing = _HashingReader(stream, limit=size)
+        key = self._staging_key(sha256)
         with _translated(f"blob sha256:{sha256}"):
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.blob_object_key(sha256),
-                Body=data,
-                ChecksumSHA256=b64_sha256(sha256),
-            )
+            try:
+                self.client.upload_fileobj(hashing, self.bucket, key)
+            except BaseException:
+                with contextlib.suppress(ClientError, BotoCoreError):
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+                raise
+        self._publish_staged(key, sha256, size, sent=(hashing.length, hashing.hexdigest()))
 
     def read_range(self, sha256: str, start: int, length: int) -> bytes:
         if length <= 0:
@@ -211,7 +254,7 @@ class S3Store(ObjectStore):
                     url=url,
                     headers={"x-amz-checksum-sha256": checksum},
                 )
-            key = self.object_key(f"uploads/{uuid.uuid4().hex}/{sha256}")
+            key = self._staging_key(sha256)
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
             parts = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
@@ -273,17 +316,33 @@ class S3Store(ObjectStore):
                         Bucket=self.bucket, Key=key, UploadId=upload_id
                     )
                 raise
+        self._publish_staged(key, sha256, size)
+
+    def _staging_key(self, sha256: str) -> str:
+        return self.object_key(f"uploads/{uuid.uuid4().hex}/{sha256}")
+
+    def _publish_staged(
+        self, key: str, sha256: str, size: int, sent: tuple[int, str] | None = None
+    ) -> None:
+        """Copy a staged object to its content address if its bytes match, then delete it.
+
+        `sent` is (length, sha256 hex) when the caller hashed the bytes as it uploaded them;
+        otherwise the staged object is read back and hashed here.
+        """
+        with _translated(f"upload of sha256:{sha256}"):
             try:
-                digest = hashlib.sha256()
-                length = 0
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                for chunk in body.iter_chunks(CHUNK):
-                    digest.update(chunk)
-                    length += len(chunk)
-                if length != size or digest.hexdigest() != sha256:
+                if sent is None:
+                    digest = hashlib.sha256()
+                    length = 0
+                    body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                    for chunk in body.iter_chunks(CHUNK):
+                        digest.update(chunk)
+                        length += len(chunk)
+                    sent = (length, digest.hexdigest())
+                if sent != (size, sha256):
                     raise ChecksumMismatch(
-                        f"multipart upload of sha256:{sha256} does not match: got {length} bytes "
-                        f"hashing to sha256:{digest.hexdigest()}",
+                        f"upload of sha256:{sha256} does not match: got {sent[0]} bytes hashing "
+                        f"to sha256:{sent[1]}",
                         sha256=sha256,
                     )
                 self.client.copy(

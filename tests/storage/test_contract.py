@@ -394,6 +394,23 @@ def test_presigned_single_put_of_the_right_bytes_stores_the_blob(s3_store: S3Sto
     assert s3_store.read_blob(sha, len(data)) == data
 
 
+@pytest.mark.parametrize("corrupt", [False, True], ids=["right-bytes", "wrong-bytes"])
+def test_large_proxied_uploads_are_streamed_and_verified_before_publishing(
+    s3_store: S3Store, corrupt: bool
+) -> None:
+    s3_store.proxy_single_put_limit = 1 * MIB  # stream anything larger, like a 64 MiB+ blob
+    data, sha = make_blob(3 * MIB + 5)
+    sent = _wrong_bytes(data) if corrupt else data
+    if corrupt:
+        with pytest.raises(ChecksumMismatch):
+            s3_store.put_blob(sha, len(data), io.BytesIO(sent))
+        assert stored_objects(s3_store) == []
+    else:
+        s3_store.put_blob(sha, len(data), io.BytesIO(sent))
+        assert s3_store.read_blob(sha, len(data)) == data
+        assert stored_objects(s3_store) == [expected_key(sha)]
+
+
 def test_presigned_urls_are_signed_for_the_public_endpoint(
     seaweed: SeaweedServer, s3_store: S3Store
 ) -> None:
