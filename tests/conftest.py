@@ -30,6 +30,7 @@ from tests.support.seaweed import SeaweedServer, s3_client, start_seaweed, stop_
 
 PG_ADMIN_URL = os.environ.get("LORA_REG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite-folder", "postgres-s3"]
+MULTIPART_BYTES = 5 * 1024 * 1024
 ALL_BACKENDS = ["sqlite-folder", "postgres-s3", "sqlite-s3", "postgres-folder"]
 
 
@@ -180,6 +181,8 @@ def server_environment(
         bucket = make_bucket(seaweed.endpoint)
         env["LORA_REG_STORAGE_URL"] = f"s3://{bucket}/registry"
         env.update(s3_environment(seaweed.endpoint))
+        # The smallest part size S3 allows, so tests exercise multipart with small files.
+        env["LORA_REG_MULTIPART_THRESHOLD"] = env["LORA_REG_PART_SIZE"] = str(MULTIPART_BYTES)
     else:
         env["LORA_REG_STORAGE_URL"] = f"file://{workdir}/objects"
     return env, bucket

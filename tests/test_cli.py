@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import RunningServer, unique_name
-from tests.test_push_pull import tree_digest
+from tests.support.files import tree_digest
 
 
 def test_cli_tour_push_ls_show_versions_pull(

@@ -14,6 +14,7 @@ import httpx
 
 from cli.client import Registry
 from tests.conftest import ROOT, RunningServer, copy_adapter, unique_name
+from tests.support.files import manifest, tree_digest
 
 
 def run_until_killed(script: str, **values: str) -> subprocess.CompletedProcess[str]:
@@ -26,18 +27,6 @@ def run_until_killed(script: str, **values: str) -> subprocess.CompletedProcess[
         text=True,
         timeout=120,
     )
-
-
-def manifest(folder: Path) -> list[dict[str, object]]:
-    return [
-        {
-            "path": p.relative_to(folder).as_posix(),
-            "size": p.stat().st_size,
-            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-        }
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    ]
 
 
 def test_push_killed_after_some_uploads_leaves_no_version_and_rerun_uploads_only_the_rest(
@@ -126,9 +115,5 @@ def test_pull_killed_midway_leaves_no_partial_file_under_a_final_name(
 
     with Registry(server.url, cache_dir=cache) as again:
         result = again.pull(name, out)
-    assert {
-        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in out.rglob("*")
-        if p.is_file() and not p.name.endswith(".partial")
-    } == expected
+    assert tree_digest(out) == expected
     assert result.downloaded_bytes + result.cached_bytes == version.size

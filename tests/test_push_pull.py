@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cli.client import Registry
 from registry.core.errors import AdapterNotFound, VersionNotFound
 from registry.core.manifest import FileEntry, manifest_digest
-from tests.conftest import copy_adapter, unique_name
-
-
-def tree_digest(directory: Path) -> dict[str, str]:
-    return {
-        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    }
+from tests.conftest import MULTIPART_BYTES, RunningServer, copy_adapter, unique_name
+from tests.support.files import manifest, tree_digest
 
 
 def test_push_creates_version_one_with_metadata_parsed_from_the_config(
@@ -96,6 +91,27 @@ def test_versions_are_numbered_without_gaps_and_share_unchanged_blobs(
     assert two.uploaded_files == 1 and two.uploaded_bytes == len("retrained\n")
     assert client.get(name).number == 3
     assert client.get(f"{name}@{two.version.digest}").number == 2
+
+
+def test_large_files_round_trip_through_multipart_uploads(
+    server: RunningServer, client: Registry, adapter_dir, tmp_path: Path
+) -> None:
+    folder = copy_adapter(adapter_dir("llama"), tmp_path / "big")
+    (folder / "optimizer-free-extra.safetensors.txt").write_bytes(
+        os.urandom(2 * MULTIPART_BYTES + 7)
+    )
+    name = unique_name()
+    plan = httpx.post(
+        f"{server.url}/api/v1/adapters/{name}/uploads", json={"files": manifest(folder)}
+    ).json()
+    kinds = {item["size"]: item["kind"] for item in plan["missing"]}
+    expected = "multipart" if server.backend.endswith("s3") else "single"
+    assert kinds[2 * MULTIPART_BYTES + 7] == expected
+
+    result = client.push(folder, name)
+    assert result.uploaded_bytes >= 2 * MULTIPART_BYTES
+    client.pull(name, tmp_path / "out")
+    assert tree_digest(tmp_path / "out") == tree_digest(folder)
 
 
 def test_warm_pull_downloads_nothing_and_a_damaged_cache_entry_is_fetched_again(
