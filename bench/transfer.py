@@ -491,7 +491,7 @@ def run_round(
     meter = CpuMeter({"server": server.process.pid, "seaweedfs": seaweed.process.pid})
 
     @contextlib.contextmanager
-    def step(name: str, moved: Callable[[], int]) -> Iterator[None]:
+    def step(name: str) -> Iterator[None]:
         log(f"round {index}: {STEPS[name][2:]}")
         os.sync()  # earlier steps' dirty pages must not be written back on this step's time
         result.cpu[name] = {}
@@ -499,34 +499,37 @@ def run_round(
             started = time.perf_counter()
             yield
             result.seconds[name] = time.perf_counter() - started
-        result.bytes[name] = moved()
 
     try:
-        with step("boto3_upload", lambda: total):
+        with step("boto3_upload"):
             raw_upload(s3, raw_bucket, "raw", files)
+        result.bytes["boto3_upload"] = total
 
         cache = round_dir / "cache"
         with TimedRegistry(server.url, cache_dir=cache) as registry:
             clock = PhaseClock()
-            with step("push_cold", lambda: pushed.uploaded_bytes):
+            with step("push_cold"):
                 started = time.perf_counter()
                 pushed = registry.push(adapter, "bench/adapter", progress=clock)
                 ended = time.perf_counter()
+            result.bytes["push_cold"] = pushed.uploaded_bytes
             result.push["cold"] = push_breakdown(registry, clock, started, ended, multipart)
             result.push["cold"].update(uploaded_files=pushed.uploaded_files, created=pushed.created)
 
             registry.reset()
             clock = PhaseClock()
-            with step("push_again", lambda: again.uploaded_bytes):
+            with step("push_again"):
                 started = time.perf_counter()
                 again = registry.push(adapter, "bench/adapter", progress=clock)
                 ended = time.perf_counter()
+            result.bytes["push_again"] = again.uploaded_bytes
             result.push["again"] = push_breakdown(registry, clock, started, ended, 0)
             result.push["again"].update(created=again.created, skipped_bytes=again.skipped_bytes)
 
             raw_dir = round_dir / "raw-download"
-            with step("boto3_download", lambda: total):
+            with step("boto3_download"):
                 raw_download(s3, raw_bucket, "raw", files, raw_dir)
+            result.bytes["boto3_download"] = total
             shutil.rmtree(raw_dir)
 
             log(f"round {index}: the server's multipart completion work, emulated with boto3")
@@ -538,8 +541,9 @@ def run_round(
             ref = f"bench/adapter@{pushed.version.number}"
             for name in ("pull_cold", "pull_warm"):
                 registry.reset()
-                with timed_copies() as copies, step(name, lambda: pulled.downloaded_bytes):
+                with timed_copies() as copies, step(name):
                     pulled = registry.pull(ref, round_dir / name)
+                result.bytes[name] = pulled.downloaded_bytes
                 phase = name.split("_")[1]
                 result.pull[phase] = pull_breakdown(registry, copies)
                 result.pull[phase]["cached_bytes"] = pulled.cached_bytes
@@ -567,6 +571,10 @@ def summarize(rounds: list[Round], total: int) -> dict[str, Any]:
             "bytes_transferred": [r.bytes[step] for r in rounds],
             "mb_per_s": moved / median / MB if moved else None,
             "effective_mb_per_s": total / median / MB,  # folder size / time
+            "cpu_s": {
+                process: median_or_none([r.cpu[step].get(process) for r in rounds])
+                for process in ("client", "server", "seaweedfs")
+            },
         }
 
     def ratio(numerator: str, denominator: str) -> float:
@@ -590,13 +598,18 @@ def summarize(rounds: list[Round], total: int) -> dict[str, Any]:
     return {"steps": steps, "ratios": ratios}
 
 
+def median_or_none(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
 def median_of(rounds: list[Round], section: str, phase: str) -> dict[str, Any]:
     values = [getattr(r, section)[phase] for r in rounds]
     merged: dict[str, Any] = {}
     for key, first in values[0].items():
         numbers = [v[key] for v in values]
         if isinstance(first, (int, float)) and not isinstance(first, bool):
-            merged[key] = statistics.median(numbers)
+            merged[key] = median_or_none(numbers)
         else:
             merged[key] = first
     return merged
@@ -642,22 +655,15 @@ def print_report(report: dict[str, Any]) -> None:
     total = report["total_bytes"]
     multipart = sum(f["size"] for f in files if f["upload"] == "multipart")
     title = (
-        f"Transfer benchmark: {fmt_bytes(total)} ({total / MIB:,.0f} MiB) in {len(files)} files, "
-        f"{fmt_bytes(multipart)} of them in {sum(f['upload'] == 'multipart' for f in files)} "
-        f"multipart files; {report['machine']['cpu_count']} CPUs; median of "
-        f"{report['repeat']} round(s)"
+        f"Transfer benchmark: {fmt_bytes(total)} ({total / MIB:,.0f} MiB) in {len(files)} files "
+        f"({fmt_bytes(multipart)} in {sum(f['upload'] == 'multipart' for f in files)} multipart "
+        f"files), {report['machine']['cpu_count']} CPUs, median of {report['repeat']} round(s)"
     )
     notes = {
-        "push_cold": f"{ratios['push_vs_boto3_upload']:.2f}x boto3 speed",
-        "push_again": (
-            f"again/cold time {ratios['push_again_vs_cold_time']:.2f}"
-            f" ({steps['push_again']['effective_mb_per_s']:,.0f} MB/s eff.)"
-        ),
-        "pull_cold": f"{ratios['pull_vs_boto3_download']:.2f}x boto3 speed",
-        "pull_warm": (
-            f"warm/cold time {ratios['pull_warm_vs_cold_time']:.2f}"
-            f" ({steps['pull_warm']['effective_mb_per_s']:,.0f} MB/s eff.)"
-        ),
+        "push_cold": f"{ratios['push_vs_boto3_upload']:.2f}x boto3 (speed)",
+        "push_again": f"{ratios['push_again_vs_cold_time']:.2f}x cold (time)",
+        "pull_cold": f"{ratios['pull_vs_boto3_download']:.2f}x boto3 (speed)",
+        "pull_warm": f"{ratios['pull_warm_vs_cold_time']:.2f}x cold (time)",
     }
     rows = [
         [
@@ -667,10 +673,21 @@ def print_report(report: dict[str, Any]) -> None:
             f"{steps[step]['best_s']:.2f}",
             f"{steps[step]['mb_per_s']:,.1f}" if steps[step]["mb_per_s"] else "-",
             notes.get(step, ""),
+            " / ".join(
+                "-" if value is None else f"{value:.1f}" for value in steps[step]["cpu_s"].values()
+            ),
         ]
         for step, label in STEPS.items()
     ]
-    head = ["step", "bytes sent/received", "median s", "best s", "MB/s", "ratio"]
+    head = [
+        "step",
+        "bytes moved",
+        "median s",
+        "best s",
+        "MB/s",
+        "ratio",
+        "CPU s: client/server/weed",
+    ]
     push, again, pull = report["push_breakdown"], report["push_again_breakdown"], report["pull"]
     emulated = report["completion_emulated"]
 
@@ -698,8 +715,13 @@ def print_report(report: dict[str, Any]) -> None:
             ),
         ],
         [
-            "  the same work emulated with boto3 on the raw objects: read + sha256 / copy",
-            f"{secs(emulated['read_and_hash_s'])} / {secs(emulated['copy_s'])}",
+            "  same work done by boto3 on the raw objects: read back + sha256",
+            f"{secs(emulated['read_and_hash_s'])} (SeaweedFS CPU "
+            f"{secs(emulated['read_and_hash_seaweedfs_cpu_s'])})",
+        ],
+        [
+            "  same work done by boto3 on the raw objects: copy to the final key",
+            f"{secs(emulated['copy_s'])} (SeaweedFS CPU {secs(emulated['copy_seaweedfs_cpu_s'])})",
         ],
         ["push: commit request (POST .../versions)", secs(push["commit_request_s"])],
         [
@@ -731,7 +753,7 @@ def print_report(report: dict[str, Any]) -> None:
         return
     table = Table(title=title, title_justify="left")
     for index, name in enumerate(head):
-        table.add_column(name, justify="left" if index in (0, 5) else "right")
+        table.add_column(name, justify="left" if index in (0, 5) else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     detail = Table(title="Where push/pull time goes (median)", title_justify="left")
@@ -739,7 +761,7 @@ def print_report(report: dict[str, Any]) -> None:
     detail.add_column("time", justify="right")
     for row in breakdown:
         detail.add_row(*row)
-    console = Console(width=max(120, shutil.get_terminal_size().columns))
+    console = Console(width=max(132, shutil.get_terminal_size().columns))
     console.print(table)
     console.print(detail)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -204,3 +205,37 @@ def test_pulled_folder_loads_with_peft(client: Registry, adapter_dir, tmp_path: 
     for key, tensor in saved.items():
         live = key.replace(".weight", ".default.weight")
         assert torch.equal(loaded[live].detach(), tensor), key
+
+
+def test_a_push_writes_its_audit_event_in_the_same_transaction(
+    server: RunningServer, client: Registry, adapter_dir
+) -> None:
+    import sqlalchemy as sa
+
+    from registry.settings import Settings
+
+    name = unique_name()
+    version = client.push(adapter_dir("llama"), name).version
+    settings = Settings(database_url=server.env["LORA_REG_DATABASE_URL"])
+    engine = sa.create_engine(settings.sqlalchemy_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text("SELECT action, details FROM audit_events WHERE subject = :subject"),
+                {"subject": f"{name}@1"},
+            ).all()
+    finally:
+        engine.dispose()
+    assert len(rows) == 1 and rows[0][0] == "version.push"
+    # PostgreSQL's driver decodes JSON columns; SQLite hands back the text.
+    details = rows[0][1] if isinstance(rows[0][1], dict) else json.loads(rows[0][1])
+    assert details["digest"] == version.digest
+
+
+def test_rich_progress_reports_push_and_pull(client: Registry, adapter_dir, tmp_path: Path) -> None:
+    from cli.progress import RichProgress
+
+    name = unique_name()
+    client.push(adapter_dir("llama", seed=7), name, progress=RichProgress())
+    client.pull(name, tmp_path / "out", progress=RichProgress())
+    assert tree_digest(tmp_path / "out") == tree_digest(adapter_dir("llama", seed=7))
