@@ -27,6 +27,7 @@ import httpx
 from cli.progress import NoProgress, Progress
 from registry.core.errors import (
     ChecksumMismatch,
+    InvalidAdapterConfig,
     InvalidInput,
     RegistryError,
     Unavailable,
@@ -37,9 +38,11 @@ from registry.core.manifest import (
     WEIGHTS_FILE,
     FileEntry,
     check_manifest,
+    hash_stream,
+    manifest_digest,
 )
-from registry.core.names import parse_name, parse_reference
-from registry.core.peft import check_lora_tensors, parse_adapter_config
+from registry.core.names import Reference, parse_name, parse_reference
+from registry.core.peft import MAX_CONFIG_BYTES, check_lora_tensors, parse_adapter_config
 from registry.core.safetensors_header import read_header_from_file
 from registry.core.schemas import (
     MAX_LABEL_VALUE,
@@ -114,14 +117,8 @@ def collect_files(directory: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
 
 
 def hash_file(path: Path, progress: Progress) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            progress.advance(len(chunk))
-    return size, digest.hexdigest()
+        return hash_stream(handle, progress.advance)
 
 
 def check_adapter_folder(directory: Path, files: list[Path]) -> None:
@@ -130,7 +127,10 @@ def check_adapter_folder(directory: Path, files: list[Path]) -> None:
     check_manifest(
         FileEntry(name, path.stat().st_size, "0" * 64) for name, path in relative.items()
     )
-    parse_adapter_config(relative[CONFIG_FILE].read_bytes())
+    config = relative[CONFIG_FILE]
+    if config.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapterConfig(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    parse_adapter_config(config.read_bytes())
     header = read_header_from_file(str(relative[WEIGHTS_FILE]), name=WEIGHTS_FILE)
     check_lora_tensors(header, name=WEIGHTS_FILE)
 
@@ -404,9 +404,11 @@ class Registry:
         cached blobs are re-hashed on use and fetched again if they no longer match.
         """
         progress = progress or NoProgress()
+        parsed = parse_reference(ref)
         version = self.get(ref)
-        target = Path(out_dir) if out_dir else Path(version.adapter.split("/")[1])
         files = version.files or []
+        _check_version_reply(parsed, version, files)
+        target = Path(out_dir) if out_dir else Path(parsed.name.name)
         downloaded = cached = 0
         total = sum(f.size for f in files)
         progress.begin(f"pulling {version.adapter}@{version.number}", total)
@@ -432,7 +434,7 @@ class Registry:
         cache = self._cache_path(file.sha256)
         if cache.exists() and _copy_verified(cache, destination, file.sha256, progress):
             return False
-        cache.unlink(missing_ok=True)
+        # A damaged cache entry is replaced atomically by the download below.
         _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
         if not _copy_verified(cache, destination, file.sha256, NoProgress()):
             raise ChecksumMismatch(f"{cache} changed while {file.path} was being written")
@@ -469,6 +471,28 @@ class Registry:
             raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _check_version_reply(ref: Reference, version: VersionOut, files: list[VersionFileOut]) -> None:
+    """Refuse a server reply that does not describe what was asked for, before writing a byte.
+
+    The file list must be a valid manifest (relative, normalised paths: nothing can be written
+    outside the output folder) whose digest is the version's digest.
+    """
+    entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
+    check_manifest(
+        entries, max_files=len(entries), max_bytes=sum(e.size for e in entries), required=()
+    )
+    if (
+        version.adapter != str(ref.name)
+        or manifest_digest(entries) != version.digest
+        or (ref.selector.kind == "digest" and version.digest != ref.selector.value)
+        or (ref.selector.kind == "number" and version.number != ref.selector.number)
+    ):
+        raise ChecksumMismatch(
+            f"the registry's answer for {ref} does not match what was asked for (adapter "
+            f"{version.adapter}@{version.number}, digest {version.digest}); refusing to write it"
+        )
 
 
 def _copy_verified(source: Path, destination: Path, sha256: str, progress: Progress) -> bool:

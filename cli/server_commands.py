@@ -1,12 +1,15 @@
 """`lora-reg server` and `lora-reg db ...`: the only CLI commands that run server code.
 
 They import `registry.server` / `registry.db` inside the command bodies, so the rest of the CLI
-works without the `[server]` extra; without it these commands say which extra to install.
+works without the `[server]` extra; without it these commands say which extra to install. Every
+failure is one line on stderr: exit 7 when the server or database cannot be used as configured.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -14,16 +17,28 @@ import typer
 db_app = typer.Typer(help="Database schema: upgrade, current, downgrade.", no_args_is_help=True)
 
 
-def _server_modules() -> tuple[object, object]:
+@contextmanager
+def _server_side() -> Iterator[None]:
+    """Import check plus one-line errors for settings and database failures."""
     try:
-        from registry import db, server
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from registry.server import StartupError
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         typer.echo(
-            f"the server needs the [server] extra: pip install 'lora-registry[server]' ({exc})",
+            f"error: this command needs the [server] extra: pip install 'lora-registry[server]' "
+            f"({exc})",
             err=True,
         )
-        raise typer.Exit(2) from None
-    return server, db
+        sys.exit(2)
+    try:
+        yield
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(7)
+    except SQLAlchemyError as exc:
+        typer.echo(f"error: database unavailable: {getattr(exc, 'orig', None) or exc}", err=True)
+        sys.exit(7)
 
 
 def server(
@@ -34,14 +49,10 @@ def server(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the registry API server (migrates SQLite; checks PostgreSQL is migrated)."""
-    _server_modules()
-    from registry.server import StartupError, serve
+    with _server_side():
+        from registry.server import serve
 
-    try:
         serve(host, port, log_level)
-    except StartupError as exc:
-        typer.echo(f"error: cannot start the server: {exc}", err=True)
-        sys.exit(7)
 
 
 @db_app.command("upgrade")
@@ -49,32 +60,27 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Apply migrations (LORA_REG_DATABASE_URL)."""
-    _server_modules()
-    from registry.db import upgrade
-    from registry.server import StartupError, load_settings
+    with _server_side():
+        from registry.db import upgrade
+        from registry.server import load_settings
 
-    try:
-        settings = load_settings()
-    except StartupError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    upgrade(settings, revision)
+        upgrade(load_settings(), revision)
     typer.echo(f"database at {revision}", err=True)
 
 
 @db_app.command("current")
 def db_current() -> None:
-    """Show the schema revision of the database and the one this code needs."""
-    _server_modules()
-    from registry.db import make_engine, schema_status
-    from registry.server import load_settings
+    """Show the schema revision of the database and the one this code needs (exit 1 if behind)."""
+    with _server_side():
+        from registry.db import make_engine, schema_status
+        from registry.server import load_settings
 
-    settings = load_settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    try:
-        status = schema_status(engine, settings.sqlalchemy_url)
-    finally:
-        engine.dispose()
+        settings = load_settings()
+        engine = make_engine(settings.sqlalchemy_url)
+        try:
+            status = schema_status(engine, settings.sqlalchemy_url)
+        finally:
+            engine.dispose()
     typer.echo(f"current: {status.current or '-'}  head: {status.head}")
     if not status.up_to_date:
         sys.exit(1)
@@ -83,9 +89,9 @@ def db_current() -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]) -> None:
     """Revert migrations down to REVISION (use 'base' for an empty schema)."""
-    _server_modules()
-    from registry.db import downgrade
-    from registry.server import load_settings
+    with _server_side():
+        from registry.db import downgrade
+        from registry.server import load_settings
 
-    downgrade(load_settings(), revision)
+        downgrade(load_settings(), revision)
     typer.echo(f"database at {revision}", err=True)

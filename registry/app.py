@@ -78,7 +78,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error", exc_info=exc)
-    return problem(500, "internal", "Unexpected registry error.", f"{type(exc).__name__}: {exc}")
+    # The details stay in the server log: they can hold SQL, paths or parameters.
+    return problem(500, "internal", "Unexpected registry error.", "see the server log")
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,7 +1,8 @@
 """Database engine, sessions and schema migrations.
 
-One engine per process (`get_engine`). SQLite runs every transaction as `BEGIN IMMEDIATE`, so
-writers queue on the database lock instead of failing half-way; PostgreSQL relies on row locks
+One engine per process (`get_engine`). SQLite runs write transactions as `BEGIN IMMEDIATE`, so
+writers queue on the database lock instead of failing half-way, and read-only ones
+(`read_only(engine)`) as `BEGIN DEFERRED`; PostgreSQL relies on row locks
 (`SELECT ... FOR UPDATE`) taken by the services. The schema exists only through Alembic:
 `upgrade` applies migrations and `schema_status` tells the server whether it may start.
 """
@@ -21,10 +22,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlmodel import Session
 
-from registry.core.errors import DatabaseUnavailable
+from registry.core.errors import Conflict, DatabaseUnavailable, InvalidInput
 from registry.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -51,7 +52,10 @@ def make_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(connection: sa.Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the lock up front (no failed lock upgrades half-way); read-only
+            # sessions ask for DEFERRED and never wait for writers (WAL).
+            mode = connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -60,6 +64,11 @@ def make_engine(url: str) -> Engine:
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().sqlalchemy_url)
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine (and pool), for transactions that only read."""
+    return engine.execution_options(sqlite_begin="DEFERRED")
 
 
 @contextmanager
@@ -72,13 +81,15 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         except OperationalError as exc:
             session.rollback()
             raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
+        except IntegrityError as exc:
+            session.rollback()
+            raise Conflict("the change conflicts with one made at the same time; retry it") from exc
+        except DataError as exc:
+            session.rollback()
+            raise InvalidInput(f"a value does not fit the database: {exc.orig}") from exc
         except BaseException:
             session.rollback()
             raise
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 # --- migrations --------------------------------------------------------------------------------

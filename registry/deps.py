@@ -13,13 +13,19 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlmodel import Session
 
-from registry.db import session_scope
+from registry.db import read_only, session_scope
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
 
 def get_session(request: Request) -> Iterator[Session]:
     with session_scope(request.app.state.engine) as session:
+        yield session
+
+
+def get_read_session(request: Request) -> Iterator[Session]:
+    """For GET routes: never takes SQLite's write lock, so reads never queue behind writes."""
+    with session_scope(read_only(request.app.state.engine)) as session:
         yield session
 
 
@@ -39,6 +45,7 @@ def get_actor(request: Request) -> str | None:
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ActorDep = Annotated[str | None, Depends(get_actor)]

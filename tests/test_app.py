@@ -100,3 +100,31 @@ def test_malformed_json_bodies_are_invalid_input(app_client: TestClient) -> None
         "/api/v1/adapters/a/b/uploads", content=b"{", headers={"content-type": "application/json"}
     )
     assert response.status_code == 422 and response.json()["code"] == "invalid_input"
+
+
+def test_large_uploads_through_the_api_stream_into_s3(
+    seaweed, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Proxied uploads above the single-PUT limit are streamed by boto3's own threads."""
+    import hashlib
+    import os
+
+    from tests.conftest import make_bucket
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db",
+        storage_url=f"s3://{make_bucket(seaweed.endpoint)}/reg",
+    )
+    upgrade(settings)
+    data = os.urandom(3 * 1024 * 1024 + 11)
+    digest = hashlib.sha256(data).hexdigest()
+    app = create_app(settings)
+    app.state.store.proxy_single_put_limit = 1024 * 1024
+    with TestClient(app) as http:
+        wrong = http.put(f"/api/v1/blobs/sha256:{digest}", content=data[:-1] + b"!")
+        assert wrong.status_code == 400 and wrong.json()["code"] == "checksum_mismatch"
+        assert http.get(f"/api/v1/blobs/sha256:{digest}").status_code == 404
+        assert http.put(f"/api/v1/blobs/sha256:{digest}", content=data).status_code == 204
+        stored = http.get(f"/api/v1/blobs/sha256:{digest}", follow_redirects=False)
+    assert stored.status_code == 307
+    assert httpx.get(stored.headers["location"]).content == data

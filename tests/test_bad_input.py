@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,76 @@ def test_client_refuses_mismatched_ranks_before_uploading(tmp_path: Path, adapte
     )
     with pytest.raises(InvalidLoraTensors):
         Registry("http://127.0.0.1:9").push(folder, unique_name())
+
+
+def test_an_oversized_adapter_config_is_refused_without_reading_it(
+    server: RunningServer, good
+) -> None:
+    name = unique_name()
+    files = {**good, "adapter_config.json": b"{" + b" " * (2 * 1024 * 1024) + b"}"}
+    assert_refused(raw_push(server, name, files), 422, "invalid_adapter_config", "larger than")
+    assert_nothing_stored(server, name)
+
+
+def test_config_strings_too_long_to_index_are_refused_with_a_hint(
+    server: RunningServer, good
+) -> None:
+    name = unique_name()
+    config = json.loads(good["adapter_config.json"])
+    config["base_model_name_or_path"] = "/very/long/local/path/" + "x" * 300
+    files = {**good, "adapter_config.json": json.dumps(config).encode()}
+    response = raw_push(server, name, files)
+    assert_refused(response, 422, "invalid_adapter_config", "base_model_name_or_path", "local path")
+    assert_nothing_stored(server, name)
+
+
+def test_a_file_that_is_also_a_folder_is_refused(server: RunningServer, good) -> None:
+    files = [{"path": p, "size": len(b), "sha256": sha(b)} for p, b in good.items()]
+    files.append({"path": "adapter_config.json/inner.txt", "size": 1, "sha256": sha(b"x")})
+    response = httpx.post(
+        f"{server.url}/api/v1/adapters/{unique_name()}/uploads", json={"files": files}
+    )
+    assert_refused(response, 422, "invalid_path", "both a file and a folder")
+
+
+def test_huge_version_numbers_are_invalid_references_not_errors(server: RunningServer) -> None:
+    response = httpx.get(f"{server.url}/api/v1/adapters/a/b/versions/9223372036854775808")
+    assert_refused(response, 422, "invalid_reference")
+
+
+def test_blob_uploads_larger_than_the_version_limit_are_refused_up_front(
+    server: RunningServer,
+) -> None:
+    """Announce 21 GiB and send nothing: the refusal must come before any byte is read."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            f"PUT /api/v1/blobs/sha256:{'ab' * 32} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Length: {21 * 1024**3}\r\n\r\n".encode()
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    problem = json.loads(body)
+    assert problem["code"] == "version_too_large"
+    assert "LORA_REG_MAX_VERSION_BYTES" in problem["detail"]
+
+
+def test_multipart_completion_on_the_folder_store_is_a_clear_error(tmp_path: Path) -> None:
+    from registry.app import create_app
+    from registry.db import upgrade
+    from registry.settings import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{tmp_path}/objects"
+    )
+    upgrade(settings)
+    body = {"upload_id": "x", "key": "uploads/x", "size": 1, "parts": []}
+    with TestClient(create_app(settings)) as http:
+        response = http.post(f"/api/v1/blobs/sha256:{'ab' * 32}/multipart", json=body)
+    assert response.status_code == 400 and response.json()["code"] == "upload_mode"

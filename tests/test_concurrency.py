@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from cli.client import PushResult, Registry
 from tests.conftest import RunningServer, copy_adapter, unique_name
@@ -55,3 +61,39 @@ def test_concurrent_pushes_of_identical_content_give_one_version(
     assert sorted(result.created for result in results) == [False, True]
     assert {result.version.number for result in results} == {1}
     assert client.versions(name).total == 1
+
+
+def test_reads_are_answered_while_an_upload_is_in_flight(server: RunningServer) -> None:
+    """A slow client uploading through the API holds no database lock that readers wait for.
+
+    The upload sends half its bytes, then waits until a listing has been answered; if the listing
+    queued behind the upload, neither could finish and the listing would time out.
+    """
+    data = os.urandom(4 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    listed = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield data[: len(data) // 2]
+        assert listed.wait(60)
+        yield data[len(data) // 2 :]
+
+    def upload() -> int:
+        response = httpx.put(
+            f"{server.url}/api/v1/blobs/sha256:{digest}",
+            content=body(),
+            headers={"Content-Length": str(len(data))},
+            timeout=90,
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(1) as pool:
+        uploading = pool.submit(upload)
+        try:
+            listing = httpx.get(f"{server.url}/api/v1/adapters", params={"limit": 1}, timeout=20)
+            version = httpx.get(f"{server.url}/api/v1/adapters/a/b/versions/1", timeout=20)
+        finally:
+            listed.set()
+        assert listing.status_code == 200
+        assert version.status_code == 404
+        assert uploading.result() == 204

@@ -20,7 +20,7 @@ from registry.core.schemas import (
     VersionFileOut,
     VersionOut,
 )
-from registry.deps import ActorDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
 
@@ -44,7 +44,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 
 @router.get("", response_model=Page[AdapterOut])
 def list_adapters(
-    session: SessionDep,
+    session: ReadSessionDep,
     namespace: str | None = None,
     base: str | None = None,
     label: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies defaults)
@@ -63,13 +63,13 @@ def list_adapters(
 
 
 @router.get("/{namespace}/{name}", response_model=AdapterOut)
-def get_adapter(session: SessionDep, namespace: str, name: str) -> AdapterOut:
+def get_adapter(session: ReadSessionDep, namespace: str, name: str) -> AdapterOut:
     return service.get_adapter(session, _name(namespace, name))
 
 
 @router.get("/{namespace}/{name}/versions", response_model=Page[VersionOut])
 def list_versions(
-    session: SessionDep,
+    session: ReadSessionDep,
     namespace: str,
     name: str,
     sort: str = "-number",
@@ -83,7 +83,7 @@ def list_versions(
 
 
 @router.get("/{namespace}/{name}/versions/{selector}", response_model=VersionOut)
-def get_version(session: SessionDep, namespace: str, name: str, selector: str) -> VersionOut:
+def get_version(session: ReadSessionDep, namespace: str, name: str, selector: str) -> VersionOut:
     """One version with its files; `selector` is a number, `latest`, an alias or a digest."""
     adapter = _name(namespace, name)
     version = service.resolve(session, Reference(adapter, parse_selector(selector)))
@@ -92,9 +92,11 @@ def get_version(session: SessionDep, namespace: str, name: str, selector: str) -
 
 @router.get("/{namespace}/{name}/versions/{selector}/files", response_model=list[VersionFileOut])
 def get_version_files(
-    session: SessionDep, namespace: str, name: str, selector: str
+    session: ReadSessionDep, namespace: str, name: str, selector: str
 ) -> list[VersionFileOut]:
-    return get_version(session, namespace, name, selector).files or []
+    adapter = _name(namespace, name)
+    version = service.resolve(session, Reference(adapter, parse_selector(selector)))
+    return service.version_out(session, adapter, version, with_files=True).files or []
 
 
 @router.post("/{namespace}/{name}/uploads", response_model=UploadPlan)

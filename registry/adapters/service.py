@@ -19,6 +19,8 @@ from registry.core.errors import (
     AdapterNotFound,
     AliasNotFound,
     BlobMissing,
+    BlobNotFound,
+    InvalidAdapterConfig,
     InvalidInput,
     VersionNotFound,
 )
@@ -30,7 +32,12 @@ from registry.core.manifest import (
     manifest_digest,
 )
 from registry.core.names import AdapterName, Reference, parse_base
-from registry.core.peft import AdapterConfigSummary, check_lora_tensors, parse_adapter_config
+from registry.core.peft import (
+    MAX_CONFIG_BYTES,
+    AdapterConfigSummary,
+    check_lora_tensors,
+    parse_adapter_config,
+)
 from registry.core.safetensors_header import SafetensorsHeader, header_length, parse_header
 from registry.core.schemas import (
     MAX_LABEL_VALUE,
@@ -67,6 +74,8 @@ def read_adapter(
     """Parse the stored adapter_config.json and the weights' header (header bytes only)."""
     by_path = {entry.path: entry for entry in entries}
     config_entry = by_path[CONFIG_FILE]
+    if config_entry.size > MAX_CONFIG_BYTES:
+        raise InvalidAdapterConfig(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
     summary = parse_adapter_config(store.read_blob(config_entry.sha256, config_entry.size))
     weights = by_path[WEIGHTS_FILE]
     length = header_length(
@@ -98,16 +107,15 @@ def commit_version(
     lineage = check_strings("lineage", request.lineage, MAX_LINEAGE_VALUE)
     base = parse_base(request.base) if request.base else None
 
+    # Storage reads first, so no database lock is held while they run. What they read only
+    # counts once adopt_stored has verified every blob below.
+    try:
+        summary, _header = read_adapter(store, entries)
+    except BlobNotFound:
+        raise _missing([e for e in entries if e.path in (CONFIG_FILE, WEIGHTS_FILE)]) from None
     _, missing = adopt_stored(session, store, entries)
     if missing:
-        paths = sorted(entry.path for entry in entries if entry.sha256 in missing)
-        raise BlobMissing(
-            f"{len(paths)} file(s) not uploaded yet: {', '.join(paths[:5])}"
-            + (" ..." if len(paths) > 5 else "")
-            + "; upload them (lora-reg push does this) and commit again",
-            paths=paths,
-        )
-    summary, _header = read_adapter(store, entries)
+        raise _missing([entry for entry in entries if entry.sha256 in missing])
     digest = manifest_digest(entries)
 
     adapter = _lock_or_create_adapter(session, name)
@@ -172,6 +180,16 @@ def commit_version(
     )
     session.flush()
     return version_out(session, name, version, with_files=True, created=True)
+
+
+def _missing(entries: list[FileEntry]) -> BlobMissing:
+    paths = sorted(entry.path for entry in entries)
+    return BlobMissing(
+        f"{len(paths)} file(s) not uploaded yet: {', '.join(paths[:5])}"
+        + (" ..." if len(paths) > 5 else "")
+        + "; upload them (lora-reg push does this) and commit again",
+        paths=paths,
+    )
 
 
 def _lock_or_create_adapter(session: Session, name: AdapterName) -> Adapter:

@@ -8,39 +8,44 @@ a direct multipart upload. Blocking work runs in the thread pool, never on the e
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import AsyncIterator
 from typing import BinaryIO, cast
 
 import anyio.from_thread
+import anyio.lowlevel
 from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
+from starlette.requests import ClientDisconnect
 
 from registry.blobs import service
-from registry.core.errors import InvalidInput
+from registry.core.errors import InvalidReference, UploadIncomplete, VersionTooLarge
+from registry.core.names import parse_selector
 from registry.core.schemas import CompleteMultipart
-from registry.deps import SessionDep, StoreDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.storage.folder import FolderStore
 
 router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"])
 
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
-
 
 def _sha(digest: str) -> str:
-    match = _DIGEST.fullmatch(digest)
-    if not match:
-        raise InvalidInput(f"invalid blob digest {digest!r}: expected sha256:<64 hex>")
-    return match.group(1)
+    selector = parse_selector(digest)
+    if selector.kind != "digest":
+        raise InvalidReference(f"invalid blob digest {digest!r}: expected sha256:<64 hex>")
+    return selector.value.removeprefix("sha256:")
 
 
 class _BodyReader(io.RawIOBase):
-    """A blocking file-like view of the request body, for use from a worker thread."""
+    """A blocking file-like view of the request body, for a worker thread of this request.
 
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+    `token` ties calls back to the request's event loop, so the reader also works from threads
+    that the store starts itself (boto3's transfer manager).
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], token: anyio.lowlevel.EventLoopToken) -> None:
         self._chunks = chunks
-        self._buffer = b""
+        self._token = token
+        self._buffer = bytearray()
         self._done = False
 
     async def _next_chunk(self) -> bytes:
@@ -52,12 +57,17 @@ class _BodyReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         while not self._done and (size < 0 or len(self._buffer) < size):
             try:
-                self._buffer += anyio.from_thread.run(self._next_chunk)
+                self._buffer += anyio.from_thread.run(self._next_chunk, token=self._token)
             except StopAsyncIteration:
                 self._done = True
+            except ClientDisconnect:
+                raise UploadIncomplete(
+                    "the client disconnected before sending every byte"
+                ) from None
         if size < 0:
             size = len(self._buffer)
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
 
@@ -67,11 +77,17 @@ async def put_blob(
     request: Request,
     session: SessionDep,
     store: StoreDep,
+    settings: SettingsDep,
     content_length: int = Header(),
 ) -> Response:
     """Upload a blob's bytes; refused (and nothing kept) unless they hash to `digest`."""
     sha = _sha(digest)
-    reader = cast(BinaryIO, _BodyReader(request.stream()))
+    if content_length > settings.max_version_bytes:
+        raise VersionTooLarge(
+            f"a blob of {content_length} bytes is larger than this server's "
+            f"{settings.max_version_bytes}-byte limit (LORA_REG_MAX_VERSION_BYTES)"
+        )
+    reader = cast(BinaryIO, _BodyReader(request.stream(), anyio.lowlevel.current_token()))
     await run_in_threadpool(service.put_blob, session, store, sha, content_length, reader)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -92,7 +108,7 @@ def complete_multipart(
     responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
     response_class=Response,
 )
-def get_blob(digest: str, session: SessionDep, store: StoreDep) -> Response:
+def get_blob(digest: str, session: ReadSessionDep, store: StoreDep) -> Response:
     """A blob's bytes (folder store) or a redirect to a presigned URL (S3 store)."""
     sha = _sha(digest)
     service.require_blob(session, sha)

@@ -34,12 +34,13 @@ def known_blobs(session: Session, sha256s: Iterable[str]) -> dict[str, int]:
 
 
 def register_blobs(session: Session, store: ObjectStore, blobs: dict[str, int]) -> None:
+    # Sorted, so concurrent pushes insert shared blobs in one order and cannot deadlock.
     insert_ignore(
         session,
         Blob,
         [
             {"sha256": sha, "size": size, "storage_key": store.key(sha), "created_at": utcnow()}
-            for sha, size in blobs.items()
+            for sha, size in sorted(blobs.items())
         ],
     )
 
@@ -47,20 +48,25 @@ def register_blobs(session: Session, store: ObjectStore, blobs: dict[str, int]) 
 def adopt_stored(
     session: Session, store: ObjectStore, entries: Iterable[FileEntry]
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Split blobs into (present, missing), registering any the store holds verified but the
-    database does not know yet (uploaded directly to S3, or by a push that died before commit)."""
+    """Split blobs into (present, missing).
+
+    Present means stored with the right size, and verified: either recorded in `blobs` (rows are
+    written only after verification) or verified now and recorded (uploaded directly to S3, or by
+    a push that died before its commit).
+    """
     wanted = {entry.sha256: entry.size for entry in entries}
-    present = known_blobs(session, wanted)
-    for sha, size in present.items():
+    known = known_blobs(session, wanted)
+    for sha, size in known.items():
         if wanted[sha] != size:
             raise ChecksumMismatch(
                 f"sha256:{sha} is stored with {size} bytes but was declared with {wanted[sha]}",
                 sha256=sha,
             )
+    present = {sha: size for sha, size in known.items() if store.blob_size(sha) == size}
     adopted = {
         sha: size
         for sha, size in wanted.items()
-        if sha not in present and store.verify_blob(sha, size)
+        if sha not in known and store.verify_blob(sha, size)
     }
     register_blobs(session, store, adopted)
     present.update(adopted)
@@ -79,21 +85,24 @@ def plan_upload(
             size,
             multipart_threshold=settings.multipart_threshold,
             part_size=settings.part_size,
-        )
-        instructions.append(
-            instruction
-            or UploadInstruction(sha256=sha, size=size, kind="single", url=blob_url(sha))
-        )
+        ) or UploadInstruction(sha256=sha, size=size, kind="single", url=blob_url(sha))
+        if instruction.kind == "multipart":
+            instruction.complete_url = blob_url(sha) + "/multipart"
+        instructions.append(instruction)
     return UploadPlan(missing=instructions, present=sorted(present))
 
 
 def put_blob(
     session: Session, store: ObjectStore, sha256: str, size: int, stream: BinaryIO
 ) -> None:
-    """Store bytes sent through the API, verified, then record the blob."""
-    if sha256 not in known_blobs(session, [sha256]):
+    """Store bytes sent through the API, verified, then record the blob.
+
+    The bytes are written before the first SQL statement, so no database lock is held while a
+    client uploads.
+    """
+    if store.blob_size(sha256) != size:
         store.put_blob(sha256, size, stream)
-        register_blobs(session, store, {sha256: size})
+    register_blobs(session, store, {sha256: size})
 
 
 def complete_multipart(

@@ -184,6 +184,20 @@ class ChecksumMismatch(InvalidInput):
     code = "checksum_mismatch"
 
 
+class UploadIncomplete(InvalidInput):
+    """The upload ended before every byte arrived; upload the blob again."""
+
+    status = 400
+    code = "upload_incomplete"
+
+
+class StoreUploadMode(InvalidInput):
+    """This object store takes uploads through PUT /api/v1/blobs/{digest}, not multipart."""
+
+    status = 400
+    code = "upload_mode"
+
+
 class BlobMissing(InvalidInput):
     """A file of the version has not been uploaded yet; upload it, then commit again."""
 

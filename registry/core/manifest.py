@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -81,6 +81,7 @@ def check_manifest(
     *,
     max_files: int = DEFAULT_MAX_FILES,
     max_bytes: int = DEFAULT_MAX_VERSION_BYTES,
+    required: tuple[str, ...] = REQUIRED_FILES,
 ) -> list[FileEntry]:
     """Validate a manifest and return it sorted by path.
 
@@ -120,12 +121,15 @@ def check_manifest(
             size=total,
             limit=max_bytes,
         )
-    for required in REQUIRED_FILES:
-        if required not in seen:
+    folders = {path.rsplit("/", i)[0] for path in seen for i in range(1, path.count("/") + 1)}
+    if clash := sorted(folders & seen):
+        raise InvalidPath(f"{clash[0]!r} is both a file and a folder", path=clash[0])
+    for path in required:
+        if path not in seen:
             raise MissingFile(
-                f"{required} is missing: a PEFT adapter folder needs {CONFIG_FILE} and "
+                f"{path} is missing: a PEFT adapter folder needs {CONFIG_FILE} and "
                 f"{WEIGHTS_FILE} at its top level (PEFT: model.save_pretrained(dir)).",
-                path=required,
+                path=path,
             )
     return entries
 
@@ -139,13 +143,15 @@ def manifest_digest(files: Iterable[FileEntry]) -> str:
     return "sha256:" + hashlib.sha256(canonical_manifest(files)).hexdigest()
 
 
-def hash_stream(stream: BinaryIO) -> tuple[int, str]:
-    """(size, sha256 hex) of everything left in a binary stream."""
+def hash_stream(stream: BinaryIO, on_chunk: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """(size, sha256 hex) of everything left in a binary stream; `on_chunk` sees each length."""
     digest = hashlib.sha256()
     size = 0
     while chunk := stream.read(HASH_CHUNK):
         digest.update(chunk)
         size += len(chunk)
+        if on_chunk:
+            on_chunk(len(chunk))
     return size, digest.hexdigest()
 
 

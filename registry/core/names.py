@@ -79,7 +79,7 @@ def parse_selector(text: str | None) -> Selector:
     if text is None or text == "" or text == "latest":
         return Selector("latest")
     if text.isascii() and text.isdigit():
-        if int(text) < 1 or text.startswith("0"):
+        if int(text) < 1 or text.startswith("0") or len(text) > 9:
             raise InvalidReference(f"invalid version number {text!r}: versions start at 1")
         return Selector("number", text)
     if text.startswith("sha256:"):

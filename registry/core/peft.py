@@ -55,7 +55,7 @@ def parse_adapter_config(data: bytes, *, name: str = "adapter_config.json") -> A
             peft_type=str(peft_type),
         )
 
-    def field_of(key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    def field_of(key: str, kinds: tuple[type, ...], default: Any = None, max_len: int = 200) -> Any:
         value = raw.get(key, default)
         if value is None:
             return None
@@ -63,6 +63,12 @@ def parse_adapter_config(data: bytes, *, name: str = "adapter_config.json") -> A
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise InvalidAdapterConfig(
                 f"{name}: {key} has the wrong type ({type(value).__name__})", key=key
+            )
+        if isinstance(value, str) and len(value) > max_len:
+            raise InvalidAdapterConfig(
+                f"{name}: {key} is longer than {max_len} characters; shorten it (the registry "
+                "indexes it), e.g. use the Hugging Face id instead of a local path",
+                key=key,
             )
         return value
 
@@ -85,7 +91,7 @@ def parse_adapter_config(data: bytes, *, name: str = "adapter_config.json") -> A
         )
     return AdapterConfigSummary(
         peft_type=peft_type,
-        task_type=field_of("task_type", (str,)),
+        task_type=field_of("task_type", (str,), max_len=64),
         base_model_name_or_path=field_of("base_model_name_or_path", (str,)),
         revision=field_of("revision", (str,)),
         r=r,

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from registry.core.errors import StoreUploadMode
 from registry.core.manifest import blob_key
 from registry.core.schemas import CompletedPart, UploadInstruction
 
@@ -14,12 +15,10 @@ class ObjectStore(ABC):
     """Content-addressed blob storage.
 
     Implementations must never make a blob visible under its final key unless its bytes hash to
-    its sha256; callers rely on that to skip re-uploads of blobs that already exist.
+    its sha256; callers rely on that to skip re-uploads of blobs that already exist. (For direct
+    single PUTs to S3 that guarantee is S3's: the presigned URL is signed with the sha256, and
+    `verify_blob` checks the checksum S3 recorded, or hashes the object when there is none.)
     """
-
-    #: "direct": clients transfer bytes with the store themselves (presigned URLs);
-    #: "proxy": bytes go through the API server.
-    transfer_mode: str = "proxy"
 
     @abstractmethod
     def check(self) -> None:
@@ -61,7 +60,7 @@ class ObjectStore(ABC):
     def complete_multipart(
         self, sha256: str, size: int, upload_id: str, key: str, parts: list[CompletedPart]
     ) -> None:
-        raise NotImplementedError
+        raise StoreUploadMode()
 
     def download_url(self, sha256: str) -> str | None:
         return None

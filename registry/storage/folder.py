@@ -21,8 +21,6 @@ CHUNK = 1024 * 1024
 
 
 class FolderStore(ObjectStore):
-    transfer_mode = "proxy"
-
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.tmp = self.root / "tmp"

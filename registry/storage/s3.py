@@ -79,7 +79,6 @@ class _HashingReader(io.RawIOBase):
 
 
 class S3Store(ObjectStore):
-    transfer_mode = "direct"
     #: Proxied uploads up to this size go in one checksummed PUT; larger ones are streamed.
     proxy_single_put_limit = 64 * 1024 * 1024
 
@@ -283,7 +282,6 @@ class S3Store(ObjectStore):
                 upload_id=upload_id,
                 key=key,
                 parts=parts,
-                complete_url=f"/api/v1/blobs/sha256:{sha256}/multipart",
             )
 
     def complete_multipart(
@@ -296,6 +294,11 @@ class S3Store(ObjectStore):
         staging = self.object_key("uploads/")
         if not key.startswith(staging) or not key.endswith(f"/{sha256}") or ".." in key:
             raise ChecksumMismatch(f"multipart key {key!r} does not belong to sha256:{sha256}")
+        if self.verify_blob(sha256, size):
+            # Already published (a retried completion whose first answer was lost).
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return
         with _translated(f"multipart upload of sha256:{sha256}"):
             try:
                 self.client.complete_multipart_upload(

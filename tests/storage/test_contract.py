@@ -371,7 +371,6 @@ def test_folder_writes_go_to_a_temp_file_never_the_final_path(folder_store: Fold
 
 def test_folder_store_offers_no_direct_transfers(folder_store: FolderStore) -> None:
     data, sha = make_blob(100)
-    assert folder_store.transfer_mode == "proxy"
     assert (
         folder_store.upload_instruction(sha, len(data), multipart_threshold=MIB, part_size=MIB)
         is None
@@ -473,6 +472,20 @@ def test_multipart_upload_then_complete_publishes_the_blob(s3_store: S3Store) ->
     assert s3_store.verify_blob(sha, len(data)) is True
     assert s3_store.read_blob(sha, len(data)) == data
     # Nothing left under reg/uploads/: only the blob itself.
+    assert stored_objects(s3_store) == [expected_key(sha)]
+
+
+def test_a_retried_multipart_completion_succeeds(s3_store: S3Store) -> None:
+    """A client whose first completion answer was lost calls again: that is not an error."""
+    data, sha = make_blob(MULTIPART_SIZE)
+    instruction = s3_store.upload_instruction(
+        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
+    )
+    assert instruction.upload_id and instruction.key
+    parts = _upload_parts(instruction, data)
+    for _ in range(2):
+        s3_store.complete_multipart(sha, len(data), instruction.upload_id, instruction.key, parts)
+    assert s3_store.read_blob(sha, len(data)) == data
     assert stored_objects(s3_store) == [expected_key(sha)]
 
 
