@@ -29,6 +29,7 @@ from registry.core.errors import (
     ChecksumMismatch,
     InvalidAdapterConfig,
     InvalidInput,
+    OutputNotEmpty,
     RegistryError,
     Unavailable,
     error_from_code,
@@ -61,6 +62,7 @@ from registry.core.schemas import (
 DEFAULT_URL = "http://127.0.0.1:8000"
 CHUNK = 1024 * 1024
 RETRIES = 4
+PARTIAL_SUFFIX = ".lora-reg-partial"  # temporary files: "." + name + random + this
 T = TypeVar("T")
 
 
@@ -396,12 +398,19 @@ class Registry:
     # --- pull ----------------------------------------------------------------------------------
 
     def pull(
-        self, ref: str, out_dir: str | Path | None = None, *, progress: Progress | None = None
+        self,
+        ref: str,
+        out_dir: str | Path | None = None,
+        *,
+        force: bool = False,
+        progress: Progress | None = None,
     ) -> PullResult:
         """Download a version into `out_dir` (default `./<name>`), verified, through the cache.
 
         Each file is written under a temporary name and renamed only after its sha256 matched;
-        cached blobs are re-hashed on use and fetched again if they no longer match.
+        cached blobs are re-hashed on use and fetched again if they no longer match. The folder
+        ends up holding exactly the version: files of other versions found there are refused
+        (`OutputNotEmpty`) unless `force`, which removes them once the version is in place.
         """
         progress = progress or NoProgress()
         parsed = parse_reference(ref)
@@ -409,6 +418,14 @@ class Registry:
         files = version.files or []
         _check_version_reply(parsed, version, files)
         target = Path(out_dir) if out_dir else Path(parsed.name.name)
+        strangers = _strangers(target, {f.path for f in files})
+        if strangers and not force:
+            raise OutputNotEmpty(
+                f"{target} holds {len(strangers)} file(s) that are not part of {ref} "
+                f"({', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}); pull into "
+                "an empty folder, or pass --force to remove them",
+                paths=strangers,
+            )
         downloaded = cached = 0
         total = sum(f.size for f in files)
         progress.begin(f"pulling {version.adapter}@{version.number}", total)
@@ -422,6 +439,8 @@ class Registry:
                 downloaded += file.size
             else:
                 cached += file.size
+        for stranger in strangers:
+            (target / stranger).unlink()
         return PullResult(version, target, downloaded, cached)
 
     def _cache_path(self, sha256: str) -> Path:
@@ -442,7 +461,7 @@ class Registry:
 
     def _download(self, file: VersionFileOut, cache: Path, progress: Progress) -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}.partial")
+        partial = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         digest = hashlib.sha256()
         received = 0
         client = self.http if file.url.startswith("/") else self.raw
@@ -495,9 +514,29 @@ def _check_version_reply(ref: Reference, version: VersionOut, files: list[Versio
         )
 
 
+def _strangers(target: Path, expected: set[str]) -> list[str]:
+    """Files under `target` that are not in `expected` (relative POSIX paths).
+
+    Temporary files an interrupted pull left behind are removed here: they are ours.
+    """
+    if not target.is_dir():
+        return []
+    found = []
+    for path in target.rglob("*"):
+        if not path.is_file():
+            continue
+        if path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX):
+            path.unlink(missing_ok=True)
+            continue
+        relative = path.relative_to(target).as_posix()
+        if relative not in expected:
+            found.append(relative)
+    return sorted(found)
+
+
 def _copy_verified(source: Path, destination: Path, sha256: str, progress: Progress) -> bool:
     """Copy `source` to `destination` atomically if its bytes hash to `sha256`."""
-    partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.partial")
+    partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
     digest = hashlib.sha256()
     try:
         with open(source, "rb") as reader, open(partial, "wb") as writer:

@@ -177,11 +177,14 @@ def pull(
         Path | None,
         typer.Option(envvar="LORA_REG_CACHE_DIR", help="Blob cache (default ~/.cache/lora-reg)."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove files in the folder that are not in REF.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download a version, verified, through the local cache."""
     with registry(cache_dir) as client:
-        result = client.pull(ref, output, progress=progress())
+        result = client.pull(ref, output, force=force, progress=progress())
     if as_json:
         emit_json(
             {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from cli.client import Registry
+from cli.client import PARTIAL_SUFFIX, Registry
 from tests.conftest import ROOT, RunningServer, copy_adapter, unique_name
 from tests.support.files import manifest, tree_digest
 
@@ -105,12 +105,12 @@ def test_pull_killed_midway_leaves_no_partial_file_under_a_final_name(
     assert killed.returncode == -9, killed.stderr
 
     # Whatever is under a final name, in the output or the cache, is complete and verified.
-    placed = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".partial")]
+    placed = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(PARTIAL_SUFFIX)]
     for path in placed:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == expected[path.name]
     assert "big.safetensors.txt" not in {p.name for p in placed}
     for path in cache.rglob("*"):
-        if path.is_file() and not path.name.endswith(".partial"):
+        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIX):
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
 
     with Registry(server.url, cache_dir=cache) as again:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from cli.client import Registry
-from registry.core.errors import AdapterNotFound, VersionNotFound
+from registry.core.errors import AdapterNotFound, OutputNotEmpty, VersionNotFound
 from registry.core.manifest import FileEntry, manifest_digest
 from tests.conftest import MULTIPART_BYTES, RunningServer, copy_adapter, unique_name
 from tests.support.files import manifest, tree_digest
@@ -239,3 +239,19 @@ def test_rich_progress_reports_push_and_pull(client: Registry, adapter_dir, tmp_
     client.push(adapter_dir("llama", seed=7), name, progress=RichProgress())
     client.pull(name, tmp_path / "out", progress=RichProgress())
     assert tree_digest(tmp_path / "out") == tree_digest(adapter_dir("llama", seed=7))
+
+
+def test_pull_refuses_a_folder_with_other_files_unless_forced(
+    client: Registry, adapter_dir, tmp_path: Path
+) -> None:
+    name = unique_name()
+    client.push(adapter_dir("llama", seed=1), name)
+    out = tmp_path / "out"
+    client.pull(name, out)
+    (out / "stale-notes.txt").write_text("from another version")
+    with pytest.raises(OutputNotEmpty) as refused:
+        client.pull(name, out)
+    assert "stale-notes.txt" in refused.value.message and "--force" in refused.value.message
+    assert (out / "stale-notes.txt").exists()
+    client.pull(name, out, force=True)
+    assert tree_digest(out) == tree_digest(adapter_dir("llama", seed=1))

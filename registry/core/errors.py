@@ -74,6 +74,12 @@ class Conflict(RegistryError):
     code = "conflict"
 
 
+class OutputNotEmpty(Conflict):
+    """The output folder holds files that are not part of the version."""
+
+    code = "output_not_empty"
+
+
 # --- 401 / 403 ---------------------------------------------------------------------------------
 
 

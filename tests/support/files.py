@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from cli.client import PARTIAL_SUFFIX
+
 
 def tree_digest(directory: Path) -> dict[str, str]:
     """Relative path -> sha256 hex of every file under `directory` (partial files excluded)."""
     return {
         path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and not path.name.endswith(".partial")
+        if path.is_file() and not path.name.endswith(PARTIAL_SUFFIX)
     }
 
 
