@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import os
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -447,16 +448,23 @@ class Registry:
         return self.cache_dir / "blobs" / "sha256" / sha256[:2] / sha256
 
     def _pull_file(self, file: VersionFileOut, target: Path, progress: Progress) -> bool:
-        """Place one file; True when its bytes came over the network."""
+        """Place one file; True when its bytes came over the network.
+
+        Bytes are hashed once on the way into the cache (download) or on the way out (cache
+        hit); the copy into the output folder is a plain kernel copy of verified bytes.
+        """
         destination = target / file.path
         destination.parent.mkdir(parents=True, exist_ok=True)
         cache = self._cache_path(file.sha256)
-        if cache.exists() and _copy_verified(cache, destination, file.sha256, progress):
-            return False
+        if cache.exists():
+            with open(cache, "rb") as handle:
+                if hash_stream(handle, progress.advance) == (file.size, file.sha256):
+                    _place(cache, destination)
+                    return False
+            progress.advance(-cache.stat().st_size)
         # A damaged cache entry is replaced atomically by the download below.
         _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
-        if not _copy_verified(cache, destination, file.sha256, NoProgress()):
-            raise ChecksumMismatch(f"{cache} changed while {file.path} was being written")
+        _place(cache, destination)
         return True
 
     def _download(self, file: VersionFileOut, cache: Path, progress: Progress) -> None:
@@ -534,23 +542,14 @@ def _strangers(target: Path, expected: set[str]) -> list[str]:
     return sorted(found)
 
 
-def _copy_verified(source: Path, destination: Path, sha256: str, progress: Progress) -> bool:
-    """Copy `source` to `destination` atomically if its bytes hash to `sha256`."""
+def _place(source: Path, destination: Path) -> None:
+    """Copy verified bytes to `destination` under a temporary name, then rename atomically."""
     partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
-    digest = hashlib.sha256()
     try:
-        with open(source, "rb") as reader, open(partial, "wb") as writer:
-            while chunk := reader.read(CHUNK):
-                digest.update(chunk)
-                writer.write(chunk)
-                progress.advance(len(chunk))
-            writer.flush()
-            os.fsync(writer.fileno())
-        if digest.hexdigest() != sha256:
-            progress.advance(-source.stat().st_size)
-            return False
+        shutil.copyfile(source, partial)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(partial, destination)
-        return True
     finally:
         partial.unlink(missing_ok=True)
 

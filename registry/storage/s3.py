@@ -3,8 +3,9 @@
 The endpoint and credentials come from boto3's standard chain (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, instance roles...). Clients upload and download directly with presigned
 URLs. A single PUT is signed with the blob's sha256 (`x-amz-checksum-sha256`), so S3 itself
-refuses bytes that do not match; a multipart upload goes to a staging key, is hashed by the server
-on completion and only then copied under its content address.
+refuses bytes that do not match; a multipart upload is completed at the content address only if
+nothing is there yet, hashed in place by the server, and deleted if it does not match. The
+registry records (and serves) a blob only after that verification.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from registry.core.errors import BlobNotFound, ChecksumMismatch, StorageUnavailable
+from registry.core.errors import BlobNotFound, ChecksumMismatch, Conflict, StorageUnavailable
 from registry.core.schemas import CompletedPart, UploadInstruction, UploadPart
 from registry.storage.base import ObjectStore
 
@@ -156,11 +157,28 @@ class S3Store(ObjectStore):
         stored = head.get("ChecksumSHA256")
         if stored and "-" not in stored:
             return bool(stored == b64_sha256(sha256))
-        # No full-object checksum recorded (copied or foreign object): hash the bytes.
+        # No full-object checksum (a multipart upload, or a foreign object): hash the bytes.
+        if self._hash_object(self.blob_object_key(sha256)) == (size, sha256):
+            return True
+        # Bytes at a content address that do not hash to it are garbage: remove them so that
+        # the next upload of the real bytes can take their place.
+        with _translated(f"blob sha256:{sha256}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self.blob_object_key(sha256))
+        return False
+
+    def _hash_object(self, key: str) -> tuple[int, str]:
+        """(length, sha256 hex) of a stored object, read in chunks."""
         digest = hashlib.sha256()
-        for chunk in self.iter_blob(sha256):
-            digest.update(chunk)
-        return digest.hexdigest() == sha256
+        length = 0
+        with _translated(f"object {key}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                for chunk in body.iter_chunks(CHUNK):
+                    digest.update(chunk)
+                    length += len(chunk)
+            finally:
+                body.close()
+        return length, digest.hexdigest()
 
     def put_blob(self, sha256: str, size: int, stream: BinaryIO) -> None:
         """Proxied upload (clients normally upload directly with presigned URLs)."""
@@ -253,7 +271,9 @@ class S3Store(ObjectStore):
                     url=url,
                     headers={"x-amz-checksum-sha256": checksum},
                 )
-            key = self._staging_key(sha256)
+            # Parts go straight to the content address: completion is refused there if the key
+            # exists, and the result is hashed in place before the registry records it.
+            key = self.blob_object_key(sha256)
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
             parts = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
@@ -287,17 +307,17 @@ class S3Store(ObjectStore):
     def complete_multipart(
         self, sha256: str, size: int, upload_id: str, key: str, parts: list[CompletedPart]
     ) -> None:
-        """Finish a multipart upload, hash it, and copy it to its content address if it matches.
+        """Finish a multipart upload at the blob's content address and verify it in place.
 
-        The staging object is deleted in every case, so a bad upload leaves nothing behind.
+        Completion is conditional (`If-None-Match: *`): it never replaces an existing object.
+        Bytes that do not hash to `sha256` are deleted before this returns, and no registry row
+        points at a blob until this has returned, so nothing unverified is ever served.
         """
-        staging = self.object_key("uploads/")
-        if not key.startswith(staging) or not key.endswith(f"/{sha256}") or ".." in key:
+        if key != self.blob_object_key(sha256):
             raise ChecksumMismatch(f"multipart key {key!r} does not belong to sha256:{sha256}")
         if self.verify_blob(sha256, size):
-            # Already published (a retried completion whose first answer was lost).
-            with contextlib.suppress(ClientError, BotoCoreError):
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            # Already published (e.g. a retried completion whose first answer was lost).
+            self._abort(key, upload_id)
             return
         with _translated(f"multipart upload of sha256:{sha256}"):
             try:
@@ -305,6 +325,7 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=upload_id,
+                    IfNoneMatch="*",
                     MultipartUpload={
                         "Parts": [
                             {"PartNumber": p.part_number, "ETag": p.etag}
@@ -312,36 +333,38 @@ class S3Store(ObjectStore):
                         ]
                     },
                 )
-            except ClientError:
+            except ClientError as exc:
                 # Free the parts: a failed completion must not leave storage behind.
-                with contextlib.suppress(ClientError):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id
-                    )
+                self._abort(key, upload_id)
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    if self.verify_blob(sha256, size):
+                        return  # a concurrent upload of the same bytes won
+                    raise Conflict(
+                        f"another upload of sha256:{sha256} was in progress; push again"
+                    ) from exc
                 raise
-        self._publish_staged(key, sha256, size)
+        length, digest = self._hash_object(key)
+        if (length, digest) != (size, sha256):
+            with _translated(f"blob sha256:{sha256}"):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            raise ChecksumMismatch(
+                f"multipart upload of sha256:{sha256} does not match: got {length} bytes hashing "
+                f"to sha256:{digest}",
+                sha256=sha256,
+            )
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def _staging_key(self, sha256: str) -> str:
         return self.object_key(f"uploads/{uuid.uuid4().hex}/{sha256}")
 
-    def _publish_staged(
-        self, key: str, sha256: str, size: int, sent: tuple[int, str] | None = None
-    ) -> None:
-        """Copy a staged object to its content address if its bytes match, then delete it.
-
-        `sent` is (length, sha256 hex) when the caller hashed the bytes as it uploaded them;
-        otherwise the staged object is read back and hashed here.
-        """
+    def _publish_staged(self, key: str, sha256: str, size: int, sent: tuple[int, str]) -> None:
+        """Copy a staged object to its content address if `sent` (the length and sha256 of the
+        bytes as they were uploaded) matches, then delete the staged object."""
         with _translated(f"upload of sha256:{sha256}"):
             try:
-                if sent is None:
-                    digest = hashlib.sha256()
-                    length = 0
-                    body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                    for chunk in body.iter_chunks(CHUNK):
-                        digest.update(chunk)
-                        length += len(chunk)
-                    sent = (length, digest.hexdigest())
                 if sent != (size, sha256):
                     raise ChecksumMismatch(
                         f"upload of sha256:{sha256} does not match: got {sent[0]} bytes hashing "
