@@ -20,8 +20,8 @@ from rich.table import Table
 
 from cli.client import DEFAULT_URL, Registry
 from cli.progress import NoProgress, Progress, RichProgress
-from registry.core.errors import InvalidInput, RegistryError
-from registry.core.schemas import VersionOut
+from registry.core.errors import RegistryError
+from registry.core.schemas import VersionOut, parse_pairs
 
 app = typer.Typer(
     name="lora-reg",
@@ -75,16 +75,6 @@ def emit_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
-def parse_pairs(kind: str, pairs: list[str]) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"--{kind} {pair!r}: expected key=value")
-        result[key] = value
-    return result
-
-
 def _when(value: datetime) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M")
 
@@ -134,15 +124,15 @@ def push(
     as_json: JsonOpt = False,
 ) -> None:
     """Push an adapter folder as a new immutable version."""
-    metrics: dict[str, Any] = parse_pairs("metric", metric)
+    metrics: dict[str, Any] = parse_pairs("--metric", metric)
     with registry() as client:
         result = client.push(
             directory,
             name,
             base=base,
             metrics=metrics,
-            labels=parse_pairs("label", label),
-            lineage=parse_pairs("lineage", lineage),
+            labels=parse_pairs("--label", label),
+            lineage=parse_pairs("--lineage", lineage),
             description=description,
             exclude=tuple(exclude),
             progress=progress(),
@@ -214,7 +204,7 @@ def list_adapters(
     """List adapters."""
     with registry() as client:
         page = client.list(
-            namespace, base=base, labels=parse_pairs("label", label), limit=limit, offset=offset
+            namespace, base=base, labels=parse_pairs("--label", label), limit=limit, offset=offset
         )
     if as_json:
         emit_json(page)

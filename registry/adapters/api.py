@@ -8,7 +8,6 @@ from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service
 from registry.blobs import service as blobs
-from registry.core.errors import InvalidInput
 from registry.core.manifest import check_manifest
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
@@ -19,6 +18,7 @@ from registry.core.schemas import (
     UploadPlanRequest,
     VersionFileOut,
     VersionOut,
+    parse_pairs,
 )
 from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
@@ -30,16 +30,6 @@ Offset = Annotated[int, Query(ge=0)]
 
 def _name(namespace: str, name: str) -> AdapterName:
     return AdapterName(check_part("namespace", namespace), check_part("name", name))
-
-
-def _labels(pairs: list[str]) -> dict[str, str]:
-    labels = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"label filter {pair!r} must be key=value")
-        labels[key] = value
-    return labels
 
 
 @router.get("", response_model=Page[AdapterOut])
@@ -56,7 +46,7 @@ def list_adapters(
         session,
         namespace=check_part("namespace", namespace) if namespace else None,
         base=base,
-        labels=_labels(label),
+        labels=parse_pairs("label filter", label),
         limit=limit,
         offset=offset,
     )

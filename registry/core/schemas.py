@@ -79,6 +79,17 @@ def check_strings(kind: str, values: dict[str, Any], max_value: int) -> dict[str
     return clean
 
 
+def parse_pairs(kind: str, pairs: list[str]) -> dict[str, str]:
+    """`["k=v", ...]` (CLI flags, query parameters) -> `{"k": "v"}`; `kind` names them in errors."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{kind} {pair!r}: expected key=value")
+        result[key] = value
+    return result
+
+
 class FileSpec(BaseModel):
     path: str
     size: int = Field(ge=0)
