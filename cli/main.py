@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cli.client import DEFAULT_URL, Registry
 from cli.progress import NoProgress, Progress, RichProgress
+from registry import __version__
 from registry.core.errors import RegistryError
 from registry.core.schemas import VersionOut, parse_pairs
 
@@ -47,6 +48,12 @@ state = State()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"lora-reg {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     url: Annotated[
@@ -57,6 +64,10 @@ def main_options(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Show the version."),
+    ] = False,
 ) -> None:
     state.url, state.token, state.verbose, state.quiet = url, token, verbose, quiet
 

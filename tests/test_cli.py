@@ -94,3 +94,11 @@ def test_url_flag_overrides_environment(server: RunningServer) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "items" in json.loads(result.stdout)
+
+
+def test_version_flag_prints_the_package_version(tmp_path: Path) -> None:
+    from registry import __version__
+    from tests.conftest import run_cli
+
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"lora-reg {__version__}"
