@@ -128,3 +128,19 @@ def test_large_uploads_through_the_api_stream_into_s3(
         stored = http.get(f"/api/v1/blobs/sha256:{digest}", follow_redirects=False)
     assert stored.status_code == 307
     assert httpx.get(stored.headers["location"]).content == data
+
+
+def test_unexpected_errors_keep_their_details_in_the_server_log(
+    app_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from registry.adapters import service
+
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("SELECT token FROM secrets WHERE password='hunter2'")
+
+    monkeypatch.setattr(service, "list_adapters", boom)
+    response = app_client.get("/api/v1/adapters")
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "internal"
+    assert "hunter2" not in response.text and "SELECT" not in response.text

@@ -113,3 +113,21 @@ def test_an_honest_reply_is_written(tmp_path: Path) -> None:
     result = registry.pull("team/a@1", tmp_path / "out")
     assert (tmp_path / "out" / "adapter_config.json").read_bytes() == CONFIG
     assert result.downloaded_bytes == len(CONFIG)
+
+
+def test_downloaded_bytes_that_do_not_hash_to_their_sha256_are_refused(tmp_path: Path) -> None:
+    reply = version_reply([blob_file("adapter_config.json")])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if "/versions/" in request.url.path:
+            return httpx.Response(200, content=json.dumps(reply).encode())
+        return httpx.Response(200, content=b"X" * len(CONFIG))  # right size, wrong bytes
+
+    registry = Registry("http://hostile.invalid", cache_dir=tmp_path / "cache")
+    registry.http = httpx.Client(
+        base_url=registry.url, transport=httpx.MockTransport(answer), follow_redirects=True
+    )
+    with pytest.raises(ChecksumMismatch):
+        registry.pull("team/a@1", tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

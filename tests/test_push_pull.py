@@ -15,6 +15,7 @@ from registry.core.errors import AdapterNotFound, OutputNotEmpty, VersionNotFoun
 from registry.core.manifest import FileEntry, manifest_digest
 from tests.conftest import MULTIPART_BYTES, RunningServer, copy_adapter, unique_name
 from tests.support.files import manifest, tree_digest
+from tests.support.seaweed import s3_client
 
 
 def test_push_creates_version_one_with_metadata_parsed_from_the_config(
@@ -255,3 +256,32 @@ def test_pull_refuses_a_folder_with_other_files_unless_forced(
     assert (out / "stale-notes.txt").exists()
     client.pull(name, out, force=True)
     assert tree_digest(out) == tree_digest(adapter_dir("llama", seed=1))
+
+
+def test_a_recorded_blob_gone_from_the_store_is_uploaded_again(
+    server: RunningServer, client: Registry, adapter_dir, tmp_path: Path
+) -> None:
+    """A blob row is not proof enough: the store must still hold the bytes (DESIGN §5)."""
+    folder = copy_adapter(adapter_dir("llama"), tmp_path / "adapter")
+    notes = folder / "notes.txt"
+    notes.write_bytes(os.urandom(1000))
+    sha = hashlib.sha256(notes.read_bytes()).hexdigest()
+    client.push(folder, unique_name())
+    key = f"blobs/sha256/{sha[:2]}/{sha}"
+    if server.backend.endswith("s3"):
+        s3_client(server.env["AWS_ENDPOINT_URL"]).delete_object(
+            Bucket=server.bucket, Key=f"registry/{key}"
+        )
+    else:
+        (server.workdir / "objects" / key).unlink()
+
+    name = unique_name()
+    plan = httpx.post(
+        f"{server.url}/api/v1/adapters/{name}/uploads", json={"files": manifest(folder)}
+    ).json()
+    assert sha in {item["sha256"] for item in plan["missing"]}
+    assert sha not in plan["present"]
+    result = client.push(folder, name)
+    assert result.uploaded_files == 1
+    client.pull(name, tmp_path / "out")
+    assert tree_digest(tmp_path / "out") == tree_digest(folder)
