@@ -38,3 +38,21 @@ def test_every_server_setting_is_documented() -> None:
 def test_every_error_code_is_documented() -> None:
     for code in ERRORS_BY_CODE:
         assert f"`{code}`" in README, f"error code {code} is not in README"
+
+
+def test_compose_stack_has_the_documented_services_with_healthchecks() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "s3", "migrate", "api", "worker"} <= set(services)
+    for name in ("postgres", "s3", "api"):
+        assert "healthcheck" in services[name], name
+    for name, service in services.items():
+        for dependency, rule in (service.get("depends_on") or {}).items():
+            if rule.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dependency], (name, dependency)
+    api_env = services["api"]["environment"]
+    assert api_env["LORA_REG_DATABASE_URL"].startswith("postgresql://")
+    assert api_env["LORA_REG_STORAGE_URL"].startswith("s3://")
+    assert set(compose["volumes"]) >= {"pgdata", "s3data"}
