@@ -43,7 +43,7 @@ from registry.core.manifest import (
     hash_stream,
     manifest_digest,
 )
-from registry.core.names import Reference, parse_name, parse_reference
+from registry.core.names import Reference, parse_base, parse_name, parse_reference
 from registry.core.peft import MAX_CONFIG_BYTES, check_lora_tensors, parse_adapter_config
 from registry.core.safetensors_header import read_header_from_file
 from registry.core.schemas import (
@@ -268,6 +268,8 @@ class Registry:
         """
         progress = progress or NoProgress()
         adapter = parse_name(name)
+        if base:
+            parse_base(base)
         directory = Path(directory)
         metrics = check_metrics(metrics or {})
         labels = check_strings("label", labels or {}, MAX_LABEL_VALUE)
@@ -302,7 +304,7 @@ class Registry:
                     if item.kind == "single":
                         jobs.append(pool.submit(self._upload_single, item, path, progress))
                     else:
-                        jobs.append(pool.submit(self._upload_multipart, pool, item, path, progress))
+                        jobs.append(pool.submit(self._upload_multipart, item, path, progress))
                 for job in jobs:
                     job.result()
         finally:
@@ -370,9 +372,7 @@ class Registry:
         assert item.url is not None
         self._send(item.method, item.url, path, 0, item.size, item.headers, progress)
 
-    def _upload_multipart(
-        self, pool: ThreadPoolExecutor, item: UploadInstruction, path: Path, progress: Progress
-    ) -> None:
+    def _upload_multipart(self, item: UploadInstruction, path: Path, progress: Progress) -> None:
         # Parts go to their own small pool so a large file does not starve the shared one.
         with ThreadPoolExecutor(self.concurrency) as parts_pool:
             futures = [
