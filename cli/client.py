@@ -28,7 +28,6 @@ import httpx
 from cli.progress import NoProgress, Progress
 from registry.core.errors import (
     ChecksumMismatch,
-    InvalidAdapterConfig,
     InvalidInput,
     OutputNotEmpty,
     RegistryError,
@@ -44,7 +43,7 @@ from registry.core.manifest import (
     manifest_digest,
 )
 from registry.core.names import Reference, parse_base, parse_name, parse_reference
-from registry.core.peft import MAX_CONFIG_BYTES, check_lora_tensors, parse_adapter_config
+from registry.core.peft import check_config_size, check_lora_tensors, parse_adapter_config
 from registry.core.safetensors_header import read_header_from_file
 from registry.core.schemas import (
     MAX_LABEL_VALUE,
@@ -131,8 +130,7 @@ def check_adapter_folder(directory: Path, files: list[Path]) -> None:
         FileEntry(name, path.stat().st_size, "0" * 64) for name, path in relative.items()
     )
     config = relative[CONFIG_FILE]
-    if config.stat().st_size > MAX_CONFIG_BYTES:
-        raise InvalidAdapterConfig(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    check_config_size(config.stat().st_size)
     parse_adapter_config(config.read_bytes())
     header = read_header_from_file(str(relative[WEIGHTS_FILE]), name=WEIGHTS_FILE)
     check_lora_tensors(header, name=WEIGHTS_FILE)

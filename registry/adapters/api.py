@@ -7,8 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service
-from registry.blobs import service as blobs
-from registry.core.manifest import check_manifest
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AdapterOut,
@@ -100,12 +98,7 @@ def plan_upload(
 ) -> UploadPlan:
     """Push step 1: which blobs are missing, and how to upload each of them."""
     _name(namespace, name)
-    entries = check_manifest(
-        (spec.entry() for spec in request.files),
-        max_files=settings.max_files,
-        max_bytes=settings.max_version_bytes,
-    )
-    return blobs.plan_upload(session, store, settings, entries)
+    return service.plan_upload(session, store, settings, request.files)
 
 
 @router.post(

@@ -9,18 +9,18 @@ metrics, labels and audit event.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
 from registry.core.errors import (
     AdapterNotFound,
     AliasNotFound,
     BlobMissing,
     BlobNotFound,
-    InvalidAdapterConfig,
     InvalidInput,
     VersionNotFound,
 )
@@ -33,8 +33,8 @@ from registry.core.manifest import (
 )
 from registry.core.names import AdapterName, Reference, parse_base
 from registry.core.peft import (
-    MAX_CONFIG_BYTES,
     AdapterConfigSummary,
+    check_config_size,
     check_lora_tensors,
     parse_adapter_config,
 )
@@ -44,7 +44,9 @@ from registry.core.schemas import (
     MAX_LINEAGE_VALUE,
     AdapterOut,
     CommitRequest,
+    FileSpec,
     Page,
+    UploadPlan,
     VersionFileOut,
     VersionOut,
     check_metrics,
@@ -63,6 +65,7 @@ from registry.settings import Settings
 from registry.storage import ObjectStore
 
 MAX_PAGE = 500
+T = TypeVar("T")
 
 
 # --- push: commit ------------------------------------------------------------------------------
@@ -74,8 +77,7 @@ def read_adapter(
     """Parse the stored adapter_config.json and the weights' header (header bytes only)."""
     by_path = {entry.path: entry for entry in entries}
     config_entry = by_path[CONFIG_FILE]
-    if config_entry.size > MAX_CONFIG_BYTES:
-        raise InvalidAdapterConfig(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    check_config_size(config_entry.size)
     summary = parse_adapter_config(store.read_blob(config_entry.sha256, config_entry.size))
     weights = by_path[WEIGHTS_FILE]
     length = header_length(
@@ -88,6 +90,22 @@ def read_adapter(
     return summary, header
 
 
+def checked_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
+    """The manifest of a push request, validated against this server's limits."""
+    return check_manifest(
+        (spec.entry() for spec in files),
+        max_files=settings.max_files,
+        max_bytes=settings.max_version_bytes,
+    )
+
+
+def plan_upload(
+    session: Session, store: ObjectStore, settings: Settings, files: list[FileSpec]
+) -> UploadPlan:
+    """Push step 1: which blobs are missing, and how to upload each of them."""
+    return blobs.plan_upload(session, store, settings, checked_entries(files, settings))
+
+
 def commit_version(
     session: Session,
     store: ObjectStore,
@@ -97,11 +115,7 @@ def commit_version(
     actor: str | None,
 ) -> VersionOut:
     """Create the next version of `name` from uploaded blobs, or return the identical one."""
-    entries = check_manifest(
-        (spec.entry() for spec in request.files),
-        max_files=settings.max_files,
-        max_bytes=settings.max_version_bytes,
-    )
+    entries = checked_entries(request.files, settings)
     metrics = check_metrics(request.metrics)
     labels = check_strings("label", request.labels, MAX_LABEL_VALUE)
     lineage = check_strings("lineage", request.lineage, MAX_LINEAGE_VALUE)
@@ -263,30 +277,14 @@ def version_out(
             VersionFileOut(path=f.path, size=f.size, sha256=f.sha256, url=blob_url(f.sha256))
             for f in rows
         ]
-    return VersionOut(
-        adapter=str(name),
-        number=version.number,
-        digest=version.digest,
-        base_model_id=version.base_model_id,
-        base_model_revision=version.base_model_revision,
-        peft_type=version.peft_type,
-        task_type=version.task_type,
-        r=version.r,
-        lora_alpha=version.lora_alpha,
-        target_modules=version.target_modules,
-        use_dora=version.use_dora,
-        use_rslora=version.use_rslora,
-        adapter_config=version.adapter_config,
-        metrics=version.metrics,
-        labels=version.labels,
-        lineage=version.lineage,
-        description=version.description,
-        size=version.size,
-        file_count=version.file_count,
-        created_at=_utc(version.created_at),
-        created_by=version.created_by,
-        files=files,
-        created=created,
+    return VersionOut.model_validate(
+        {
+            **version.model_dump(),
+            "adapter": str(name),
+            "created_at": _utc(version.created_at),
+            "files": files,
+            "created": created,
+        }
     )
 
 
@@ -295,10 +293,14 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _page_bounds(limit: int, offset: int) -> tuple[int, int]:
-    if not 1 <= limit <= MAX_PAGE or offset < 0:
-        raise InvalidInput(f"limit must be 1..{MAX_PAGE} and offset >= 0")
-    return limit, offset
+def _page(items: list[T], total: int, limit: int, offset: int) -> Page[T]:
+    return Page[T](
+        items=items,
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if offset + limit < total else None,
+    )
 
 
 def list_adapters(
@@ -310,7 +312,6 @@ def list_adapters(
     limit: int,
     offset: int,
 ) -> Page[AdapterOut]:
-    limit, offset = _page_bounds(limit, offset)
     query: Any = select(Adapter)
     if namespace:
         query = query.where(Adapter.namespace == namespace)
@@ -338,38 +339,53 @@ def list_adapters(
     rows = session.exec(
         query.order_by(col(Adapter.namespace), col(Adapter.name)).limit(limit).offset(offset)
     ).all()
-    items = [adapter_out(session, row) for row in rows]
-    return Page[AdapterOut](
-        items=items,
-        total=total,
-        limit=limit,
-        offset=offset,
-        next_offset=offset + limit if offset + limit < total else None,
-    )
+    return _page(adapter_outs(session, list(rows)), total, limit, offset)
 
 
-def adapter_out(session: Session, adapter: Adapter) -> AdapterOut:
-    name = AdapterName(adapter.namespace, adapter.name)
-    versions = session.execute(
-        sa.select(sa.func.count()).where(col(AdapterVersion.adapter_id) == adapter.id)
-    ).scalar_one()
-    latest = session.exec(
-        select(AdapterVersion)
-        .where(col(AdapterVersion.adapter_id) == adapter.id)
-        .order_by(col(AdapterVersion.number).desc())
-        .limit(1)
-    ).first()
-    return AdapterOut(
-        name=str(name),
-        namespace=adapter.namespace,
-        created_at=_utc(adapter.created_at),
-        version_count=int(versions),
-        latest=version_out(session, name, latest) if latest else None,
-    )
+def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
+    """Adapters with their version count and latest version, in two queries for the page."""
+    ids = [adapter.id for adapter in adapters]
+    stats = {
+        adapter_id: (int(versions), newest_number)
+        for adapter_id, versions, newest_number in session.execute(
+            sa.select(
+                col(AdapterVersion.adapter_id),
+                sa.func.count(),
+                sa.func.max(col(AdapterVersion.number)),
+            )
+            .where(col(AdapterVersion.adapter_id).in_(ids))
+            .group_by(col(AdapterVersion.adapter_id))
+        ).all()
+    }
+    latest = {
+        version.adapter_id: version
+        for version in session.exec(
+            select(AdapterVersion).where(
+                sa.tuple_(AdapterVersion.adapter_id, AdapterVersion.number).in_(
+                    [(adapter_id, number) for adapter_id, (_, number) in stats.items()]
+                )
+            )
+        ).all()
+    }
+    items = []
+    for adapter in adapters:
+        assert adapter.id is not None
+        name = AdapterName(adapter.namespace, adapter.name)
+        newest = latest.get(adapter.id)
+        items.append(
+            AdapterOut(
+                name=str(name),
+                namespace=adapter.namespace,
+                created_at=_utc(adapter.created_at),
+                version_count=stats.get(adapter.id, (0, None))[0],
+                latest=version_out(session, name, newest) if newest else None,
+            )
+        )
+    return items
 
 
 def get_adapter(session: Session, name: AdapterName) -> AdapterOut:
-    return adapter_out(session, get_adapter_row(session, name))
+    return adapter_outs(session, [get_adapter_row(session, name)])[0]
 
 
 def list_versions(
@@ -377,7 +393,6 @@ def list_versions(
 ) -> Page[VersionOut]:
     """Versions of one adapter, sorted by `number`, `created` or `metrics.<name>` (prefix `-` for
     descending); versions without the metric come last either way."""
-    limit, offset = _page_bounds(limit, offset)
     adapter = get_adapter_row(session, name)
     descending = sort.startswith("-")
     key = sort.lstrip("-+")
@@ -403,10 +418,4 @@ def list_versions(
         )
     total = count(session, query)
     rows = session.exec(query.order_by(*order).limit(limit).offset(offset)).all()
-    return Page[VersionOut](
-        items=[version_out(session, name, row) for row in rows],
-        total=total,
-        limit=limit,
-        offset=offset,
-        next_offset=offset + limit if offset + limit < total else None,
-    )
+    return _page([version_out(session, name, row) for row in rows], total, limit, offset)

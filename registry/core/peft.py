@@ -33,10 +33,15 @@ class AdapterConfigSummary:
     raw: dict[str, Any] = field(repr=False)
 
 
+def check_config_size(size: int, *, name: str = "adapter_config.json") -> None:
+    """Refuse an oversized config before anyone reads it into memory."""
+    if size > MAX_CONFIG_BYTES:
+        raise InvalidAdapterConfig(f"{name} is larger than {MAX_CONFIG_BYTES} bytes")
+
+
 def parse_adapter_config(data: bytes, *, name: str = "adapter_config.json") -> AdapterConfigSummary:
     """Parse and validate adapter_config.json; only LoRA is accepted."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise InvalidAdapterConfig(f"{name} is larger than {MAX_CONFIG_BYTES} bytes")
+    check_config_size(len(data), name=name)
     try:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

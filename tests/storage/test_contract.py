@@ -62,6 +62,11 @@ def stored_objects(store: ObjectStore) -> list[str]:
     return sorted(keys)
 
 
+def instruction_for(store: S3Store, sha: str, size: int) -> UploadInstruction:
+    """What the registry would hand a client for this blob, with S3's smallest part size."""
+    return store.upload_instruction(sha, size, multipart_threshold=5 * MIB, part_size=5 * MIB)
+
+
 @pytest.fixture(params=["folder", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     if request.param == "folder":
@@ -383,9 +388,7 @@ def test_folder_store_offers_no_direct_transfers(folder_store: FolderStore) -> N
 
 def test_presigned_single_put_of_the_right_bytes_stores_the_blob(s3_store: S3Store) -> None:
     data, sha = make_blob()
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.kind == "single" and instruction.url
     response = httpx.put(instruction.url, content=data, headers=instruction.headers)
     assert response.status_code == 200, response.text
@@ -417,9 +420,7 @@ def test_presigned_urls_are_signed_for_the_public_endpoint(
     public = seaweed.endpoint.replace("127.0.0.1", "localhost")
     store = S3Store(s3_store.bucket, "reg", public_endpoint=public)
     data, sha = make_blob()
-    instruction = store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(store, sha, len(data))
     assert instruction.url and instruction.url.startswith(public + "/")
     response = httpx.put(instruction.url, content=data, headers=instruction.headers)
     assert response.status_code == 200, response.text
@@ -429,9 +430,7 @@ def test_presigned_urls_are_signed_for_the_public_endpoint(
 
 def test_presigned_single_put_of_wrong_bytes_is_refused_by_s3(s3_store: S3Store) -> None:
     data, sha = make_blob()
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.url
     response = httpx.put(instruction.url, content=_wrong_bytes(data), headers=instruction.headers)
     assert response.status_code == 400, response.text
@@ -453,9 +452,7 @@ def _upload_parts(instruction: UploadInstruction, data: bytes) -> list[Completed
 
 def test_multipart_upload_then_complete_publishes_the_blob(s3_store: S3Store) -> None:
     data, sha = make_blob(MULTIPART_SIZE)
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.kind == "multipart"
     assert [(p.part_number, p.offset, p.size) for p in instruction.parts] == [
         (1, 0, 5 * MIB),
@@ -478,9 +475,7 @@ def test_multipart_upload_then_complete_publishes_the_blob(s3_store: S3Store) ->
 def test_a_retried_multipart_completion_succeeds(s3_store: S3Store) -> None:
     """A client whose first completion answer was lost calls again: that is not an error."""
     data, sha = make_blob(MULTIPART_SIZE)
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.upload_id and instruction.key
     parts = _upload_parts(instruction, data)
     for _ in range(2):
@@ -491,9 +486,7 @@ def test_a_retried_multipart_completion_succeeds(s3_store: S3Store) -> None:
 
 def test_multipart_upload_of_wrong_bytes_raises_and_leaves_nothing(s3_store: S3Store) -> None:
     data, sha = make_blob(MULTIPART_SIZE)
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.upload_id and instruction.key
     parts = _upload_parts(instruction, _wrong_bytes(data))
     with pytest.raises(ChecksumMismatch):
@@ -517,9 +510,7 @@ def test_complete_multipart_refuses_a_key_that_is_not_the_content_address(
 ) -> None:
     data, sha = make_blob(MULTIPART_SIZE)
     _, other = make_blob(100, seed=1)
-    instruction = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    instruction = instruction_for(s3_store, sha, len(data))
     assert instruction.upload_id and instruction.key
     key = bad_key.format(sha=sha, sha2=sha[:2], other=other, other2=other[:2])
     with pytest.raises(ChecksumMismatch, match="does not belong"):
@@ -531,12 +522,8 @@ def test_completion_never_replaces_an_existing_object(s3_store: S3Store) -> None
     """Two uploads of one blob: the second completion finds the first and succeeds without
     writing; an unverified object in the way is verified, not overwritten."""
     data, sha = make_blob(MULTIPART_SIZE)
-    first = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
-    second = s3_store.upload_instruction(
-        sha, len(data), multipart_threshold=5 * MIB, part_size=5 * MIB
-    )
+    first = instruction_for(s3_store, sha, len(data))
+    second = instruction_for(s3_store, sha, len(data))
     assert first.upload_id and first.key and second.upload_id and second.key
     first_parts = _upload_parts(first, data)
     second_parts = _upload_parts(second, data)
