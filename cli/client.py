@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,10 @@ from typing import Any, TypeVar
 
 import httpx
 
+from cli.bases import folder_signature, hub_signature, local_check
 from cli.progress import NoProgress, Progress
+from registry.core.basemodel import BaseSignature
+from registry.core.compat import CompatReport
 from registry.core.errors import (
     ChecksumMismatch,
     InvalidInput,
@@ -44,11 +47,13 @@ from registry.core.manifest import (
 )
 from registry.core.names import Reference, parse_base, parse_name, parse_reference
 from registry.core.peft import check_config_size, check_lora_tensors, parse_adapter_config
+from registry.core.profiles import bind
 from registry.core.safetensors_header import read_header_from_file
 from registry.core.schemas import (
     MAX_LABEL_VALUE,
     MAX_LINEAGE_VALUE,
     AdapterOut,
+    BaseOut,
     CompletedPart,
     Page,
     UploadInstruction,
@@ -77,6 +82,20 @@ class PushResult:
     uploaded_bytes: int
     uploaded_files: int
     skipped_bytes: int  # bytes the registry already had
+
+
+@dataclass
+class AddBaseResult:
+    base: BaseOut
+    bytes_read: int  # header bytes read on this side (0 when the server read them)
+    uploaded_bytes: int
+
+
+@dataclass
+class LocalCheck:
+    report: CompatReport
+    adapter_bytes_read: int
+    base_bytes_read: int
 
 
 @dataclass
@@ -226,10 +245,13 @@ class Registry:
         *,
         base: str | None = None,
         labels: dict[str, str] | None = None,
+        compat: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> Page[AdapterOut]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if compat:
+            params["compat"] = compat
         if namespace:
             params["namespace"] = namespace
         if base:
@@ -245,6 +267,122 @@ class Registry:
         data = self._json("GET", path, params={"sort": sort, "limit": limit, "offset": offset})
         return Page[VersionOut].model_validate(data)
 
+    # --- base models and compatibility ---------------------------------------------------------
+
+    def add_base(
+        self,
+        base: str,
+        source: str | Path,
+        *,
+        upload: bool = False,
+        progress: Progress | None = None,
+    ) -> AddBaseResult:
+        """Register a base model from a local folder, `s3://bucket/prefix` or `"hf"` (the Hub).
+
+        Only headers are read: locally here, on the Hub by ranged GETs, from S3 by the server.
+        `upload` (folders only) also stores the weights in the registry, content-addressed.
+        """
+        progress = progress or NoProgress()
+        ref = parse_base(base)
+        source_text = str(source)
+        body: dict[str, Any] = {"base": str(ref)}
+        read = uploaded = 0
+        if upload and (source_text.startswith("s3://") or source_text == "hf"):
+            raise InvalidInput(
+                "--upload stores a local folder: download the checkpoint first (e.g. "
+                "hf download ID --local-dir DIR), then base add --from DIR --upload"
+            )
+        if source_text.startswith("s3://"):
+            body["source"] = source_text
+        elif source_text == "hf":
+            hub = hub_signature(ref.id, ref.revision)
+            body["base"] = f"{ref.id}@{hub.revision}" if hub.revision else ref.id
+            body["source"] = f"hf://{body['base']}"
+            body.update(_signature_body(hub.signature))
+            read = hub.bytes_read
+        else:
+            directory = Path(source).resolve()
+            local = folder_signature(directory)
+            read = local.bytes_read
+            body["source"] = f"file://{directory}"
+            if upload:
+                files = collect_files(directory)
+                # Paths and pickle files are refused before hashing; size limits are the server's.
+                check_manifest(
+                    (FileEntry(p.relative_to(directory).as_posix(), 0, "0" * 64) for p in files),
+                    max_files=len(files),
+                    required=(),
+                )
+                entries = self._hash(directory, files, progress)
+                uploaded, _ = self._upload(
+                    "/api/v1/bases/uploads", directory, entries, str(ref), progress
+                )
+                body["files"] = _wire(entries)
+            else:
+                body.update(_signature_body(local.signature))
+        out = BaseOut.model_validate(self._json("POST", "/api/v1/bases", json=body))
+        return AddBaseResult(out, read, uploaded)
+
+    def bases(
+        self, model_id: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> Page[BaseOut]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if model_id:
+            params["id"] = str(parse_base(model_id))
+        return Page[BaseOut].model_validate(self._json("GET", "/api/v1/bases", params=params))
+
+    def base(self, ref: str, *, tensors: bool = False) -> BaseOut:
+        """A registered base (`org/model` for the latest revision, or `org/model@rev`)."""
+        path = f"/api/v1/bases/{parse_base(ref)}"
+        return BaseOut.model_validate(self._json("GET", path, params={"tensors": tensors}))
+
+    def check(
+        self,
+        ref: str,
+        *,
+        base: str | None = None,
+        profile: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> CompatReport:
+        """Check a stored version against a registered base (default: its own), server-side."""
+        parsed = parse_reference(ref)
+        bind(profile, options)  # refuse bad options before any request
+        body = {
+            "base": str(parse_base(base)) if base else None,
+            "profile": profile,
+            "options": options or {},
+        }
+        path = f"/api/v1/adapters/{parsed.name}/versions/{parsed.selector}/check"
+        return CompatReport.model_validate(self._json("POST", path, json=body))
+
+    def check_folder(
+        self,
+        adapter_dir: str | Path,
+        base: str | Path,
+        *,
+        profile: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> LocalCheck:
+        """Check a local adapter folder against a local base folder (no server involved) or a
+        registered base (its signature is fetched); reads headers only."""
+        if Path(base).is_dir():
+            local = folder_signature(Path(base))
+            signature, base_id, revision, read = local.signature, None, None, local.bytes_read
+        else:
+            out = self.base(str(base), tensors=True)
+            assert out.tensors is not None
+            signature = BaseSignature(config=out.config, tensors=out.tensors)
+            base_id, revision, read = out.id, out.revision, 0
+        report, adapter_read = local_check(
+            Path(adapter_dir),
+            signature,
+            base_id=base_id,
+            base_revision=revision,
+            profile=profile,
+            options=options,
+        )
+        return LocalCheck(report, adapter_read, read)
+
     # --- push ----------------------------------------------------------------------------------
 
     def push(
@@ -258,11 +396,14 @@ class Registry:
         lineage: dict[str, str] | None = None,
         description: str | None = None,
         exclude: tuple[str, ...] = (),
+        require_compatible: bool = False,
         progress: Progress | None = None,
     ) -> PushResult:
         """Push an adapter folder as a new version of `name` (or return the identical one).
 
-        Safe to re-run after any failure: blobs already stored are not sent again.
+        Safe to re-run after any failure: blobs already stored are not sent again. With
+        `require_compatible` the registry refuses the version (`Incompatible`, `BaseNotFound`)
+        unless it is proven compatible with its registered base.
         """
         progress = progress or NoProgress()
         adapter = parse_name(name)
@@ -276,24 +417,61 @@ class Registry:
         check_adapter_folder(directory, files)
 
         total = sum(path.stat().st_size for path in files)
-        progress.begin("hashing", total)
+        entries = self._hash(directory, files, progress)
+        manifest = _wire(entries)
+        uploaded, sent_files = self._upload(
+            f"/api/v1/adapters/{adapter}/uploads", directory, entries, str(adapter), progress
+        )
+
+        body = {
+            "files": manifest,
+            "base": base,
+            "metrics": metrics,
+            "labels": labels,
+            "lineage": lineage,
+            "description": description,
+            "require_compatible": require_compatible,
+        }
+        version = VersionOut.model_validate(
+            self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
+        )
+        return PushResult(
+            version=version,
+            created=bool(version.created),
+            uploaded_bytes=uploaded,
+            uploaded_files=sent_files,
+            skipped_bytes=total - uploaded,
+        )
+
+    def _hash(
+        self, directory: Path, files: Sequence[Path], progress: Progress
+    ) -> Sequence[FileEntry]:
+        progress.begin("hashing", sum(path.stat().st_size for path in files))
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 hashes = list(pool.map(lambda path: hash_file(path, progress), files))
         finally:
             progress.end()
-        entries = [
+        return [
             FileEntry(path.relative_to(directory).as_posix(), size, sha)
             for path, (size, sha) in zip(files, hashes, strict=True)
         ]
-        by_sha = {entry.sha256: directory / entry.path for entry in entries}
-        manifest = [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]
 
+    def _upload(
+        self,
+        plan_path: str,
+        directory: Path,
+        entries: Sequence[FileEntry],
+        label: str,
+        progress: Progress,
+    ) -> tuple[int, int]:
+        """Ask `plan_path` which blobs are missing and upload them; (bytes, files) sent."""
+        by_sha = {entry.sha256: directory / entry.path for entry in entries}
         plan = UploadPlan.model_validate(
-            self._json("POST", f"/api/v1/adapters/{adapter}/uploads", json={"files": manifest})
+            self._json("POST", plan_path, json={"files": _wire(entries)})
         )
         uploaded = sum(item.size for item in plan.missing)
-        progress.begin(f"uploading {adapter}", uploaded)
+        progress.begin(f"uploading {label}", uploaded)
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 jobs = []
@@ -307,25 +485,7 @@ class Registry:
                     job.result()
         finally:
             progress.end()
-
-        body = {
-            "files": manifest,
-            "base": base,
-            "metrics": metrics,
-            "labels": labels,
-            "lineage": lineage,
-            "description": description,
-        }
-        version = VersionOut.model_validate(
-            self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
-        )
-        return PushResult(
-            version=version,
-            created=bool(version.created),
-            uploaded_bytes=uploaded,
-            uploaded_files=len(plan.missing),
-            skipped_bytes=total - uploaded,
-        )
+        return uploaded, len(plan.missing)
 
     def _send(
         self,
@@ -496,6 +656,17 @@ class Registry:
             raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _signature_body(signature: BaseSignature) -> dict[str, Any]:
+    return {
+        "config": signature.config,
+        "tensors": {name: t.model_dump() for name, t in signature.tensors.items()},
+    }
+
+
+def _wire(entries: Iterable[FileEntry]) -> list[dict[str, Any]]:
+    return [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]
 
 
 def _check_version_reply(ref: Reference, version: VersionOut, files: list[VersionFileOut]) -> None:

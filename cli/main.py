@@ -7,19 +7,27 @@ on stdout. Errors print one line on stderr and exit with the code of their class
 
 from __future__ import annotations
 
-import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
-from rich.console import Console
 from rich.table import Table
 
-from cli.client import DEFAULT_URL, Registry
-from cli.progress import NoProgress, Progress, RichProgress
+from cli.base_commands import base_app, check, print_findings
+from cli.client import DEFAULT_URL
+from cli.console import (
+    JsonOpt,
+    emit_json,
+    err,
+    out,
+    page_footer,
+    progress,
+    registry,
+    size,
+    state,
+    when,
+)
 from registry import __version__
 from registry.core.errors import RegistryError
 from registry.core.schemas import VersionOut, parse_pairs
@@ -31,21 +39,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-# Piped output is read by scripts and greps: never truncate or wrap it to a guessed width.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True, soft_wrap=True)
-
-
-class State:
-    url: str = DEFAULT_URL
-    token: str | None = None
-    verbose: bool = False
-    quiet: bool = False
-
-
-state = State()
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
 def _print_version(value: bool) -> None:
@@ -72,35 +65,19 @@ def main_options(
     state.url, state.token, state.verbose, state.quiet = url, token, verbose, quiet
 
 
-def registry(cache_dir: Path | None = None) -> Registry:
-    return Registry(state.url, state.token, cache_dir=cache_dir)
-
-
-def progress() -> Progress:
-    return NoProgress() if state.quiet or not sys.stderr.isatty() else RichProgress()
-
-
-def emit_json(value: Any) -> None:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
-
-
-def _when(value: datetime) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M")
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
 def _metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:g}" for k, v in sorted(metrics.items()))
+
+
+def _compat(version: VersionOut) -> str:
+    if version.compat_status is None:
+        return "unchecked (base not registered: lora-reg base add)"
+    return f"{version.compat_status} with {version.compat_base}" + (
+        f" ({len(version.compat_report.errors)} error(s), {len(version.compat_report.warnings)} "
+        "warning(s))"
+        if version.compat_report
+        else ""
+    )
 
 
 def _base(version: VersionOut) -> str:
@@ -132,6 +109,13 @@ def push(
     exclude: Annotated[
         list[str], typer.Option(help="Glob of files to leave out (repeatable).")
     ] = [],  # noqa: B006
+    require_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--require-compatible",
+            help="Refuse the push unless it is proven compatible with its registered base.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Push an adapter folder as a new immutable version."""
@@ -146,6 +130,7 @@ def push(
             lineage=parse_pairs("--lineage", lineage),
             description=description,
             exclude=tuple(exclude),
+            require_compatible=require_compatible,
             progress=progress(),
         )
     if as_json:
@@ -163,8 +148,9 @@ def push(
     verb = "pushed" if result.created else "already exists as"
     out.print(
         f"{verb} {v.adapter}@{v.number} {v.digest}\n"
-        f"  uploaded {_size(result.uploaded_bytes)} in {result.uploaded_files} file(s), "
-        f"{_size(result.skipped_bytes)} already stored"
+        f"  uploaded {size(result.uploaded_bytes)} in {result.uploaded_files} file(s), "
+        f"{size(result.skipped_bytes)} already stored\n"
+        f"  {_compat(v)}"
     )
 
 
@@ -199,7 +185,7 @@ def pull(
     v = result.version
     out.print(
         f"pulled {v.adapter}@{v.number} {v.digest} into {result.path}\n"
-        f"  downloaded {_size(result.downloaded_bytes)}, {_size(result.cached_bytes)} from cache"
+        f"  downloaded {size(result.downloaded_bytes)}, {size(result.cached_bytes)} from cache"
     )
 
 
@@ -208,6 +194,12 @@ def list_adapters(
     namespace: Annotated[str | None, typer.Argument(help="Only this namespace.")] = None,
     base: Annotated[str | None, typer.Option(help="Only adapters for this base model.")] = None,
     label: Annotated[list[str], typer.Option(help="Only with label key=value.")] = [],  # noqa: B006
+    compat: Annotated[
+        str | None,
+        typer.Option(
+            help="Only adapters whose latest version is compatible, incompatible or unchecked."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(help="Page size.")] = 50,
     offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
     as_json: JsonOpt = False,
@@ -215,12 +207,17 @@ def list_adapters(
     """List adapters."""
     with registry() as client:
         page = client.list(
-            namespace, base=base, labels=parse_pairs("--label", label), limit=limit, offset=offset
+            namespace,
+            base=base,
+            labels=parse_pairs("--label", label),
+            compat=compat,
+            limit=limit,
+            offset=offset,
         )
     if as_json:
         emit_json(page)
         return
-    table = Table("adapter", "versions", "latest", "base", "metrics", "created")
+    table = Table("adapter", "versions", "latest", "base", "compat", "metrics", "created")
     for item in page.items:
         latest = item.latest
         table.add_row(
@@ -228,11 +225,12 @@ def list_adapters(
             str(item.version_count),
             f"@{latest.number}" if latest else "-",
             _base(latest) if latest else "-",
+            (latest.compat_status or "unchecked") if latest else "",
             _metrics(latest.metrics) if latest else "",
-            _when(latest.created_at) if latest else "",
+            when(latest.created_at) if latest else "",
         )
     out.print(table)
-    _page_footer(page.total, page.offset, len(page.items), page.next_offset)
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)
 
 
 @app.command()
@@ -263,8 +261,9 @@ def show(
         ("labels", " ".join(f"{k}={v}" for k, v in sorted(version.labels.items())) or "-"),
         ("lineage", " ".join(f"{k}={v}" for k, v in sorted(version.lineage.items())) or "-"),
         ("description", version.description or "-"),
-        ("created", f"{_when(version.created_at)} by {version.created_by or '-'}"),
-        ("size", f"{_size(version.size)} in {version.file_count} file(s)"),
+        ("created", f"{when(version.created_at)} by {version.created_by or '-'}"),
+        ("size", f"{size(version.size)} in {version.file_count} file(s)"),
+        ("compatibility", _compat(version)),
     ]
     table = Table(show_header=False, box=None)
     for key, value in rows:
@@ -272,8 +271,10 @@ def show(
     out.print(table)
     files = Table("file", "size", "sha256")
     for file in version.files or []:
-        files.add_row(file.path, _size(file.size), file.sha256[:16])
+        files.add_row(file.path, size(file.size), file.sha256[:16])
     out.print(files)
+    if version.compat_report:
+        print_findings(version.compat_report)
 
 
 @app.command()
@@ -300,26 +301,23 @@ def versions(
             _base(v),
             str(v.r),
             _metrics(v.metrics),
-            _when(v.created_at),
+            when(v.created_at),
             v.created_by or "-",
         )
     out.print(table)
-    _page_footer(page.total, page.offset, len(page.items), page.next_offset)
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)
 
 
-def _page_footer(total: int, offset: int, shown: int, next_offset: int | None) -> None:
-    if next_offset is not None:
-        err.print(f"{offset + 1}-{offset + shown} of {total}; next page: --offset {next_offset}")
-
-
-def _register_server_commands() -> None:
+def _register_commands() -> None:
     from cli.server_commands import db_app, server
 
+    app.command()(check)
+    app.add_typer(base_app, name="base")
     app.command()(server)
     app.add_typer(db_app, name="db")
 
 
-_register_server_commands()
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they were written in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _json(nullable: bool = False) -> Any:
     return sa.Column(sa.JSON(), nullable=nullable)
 
@@ -76,6 +81,10 @@ class AdapterVersion(SQLModel, table=True):
     file_count: int
     created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     created_by: str | None = Field(default=None, max_length=200)
+    # The compatibility report against the version's registered base (None: not checked).
+    compat_status: str | None = Field(default=None, max_length=16, index=True)
+    compat_base: str | None = Field(default=None, max_length=401)
+    compat_report: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
 
 
 class VersionFile(SQLModel, table=True):
@@ -120,3 +129,38 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(max_length=64, index=True)
     subject: str = Field(max_length=300, index=True)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=_json())
+
+
+class BaseModelRow(SQLModel, table=True):
+    """A registered base model: its config.json and tensor signature, immutable once written.
+
+    `revision` is "" when the source named none (a local folder). `source` says where the weights
+    live: `file://`, `s3://`, `hf://` or `registry` (stored here, listed in base_model_files).
+    """
+
+    __tablename__ = "base_models"
+    __table_args__ = (
+        sa.UniqueConstraint("model_id", "revision", name="uq_base_models_id_revision"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: str = Field(max_length=200, index=True)
+    revision: str = Field(default="", max_length=200)
+    source: str = Field(max_length=2048)
+    config: dict[str, Any] = Field(sa_column=_json())
+    tensors: dict[str, Any] = Field(sa_column=_json())  # name -> {dtype, shape, shard}
+    parameter_count: int = Field(sa_type=sa.BigInteger)
+    stored: bool = False
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    created_by: str | None = Field(default=None, max_length=200)
+
+
+class BaseModelFile(SQLModel, table=True):
+    """A file of a base whose weights are stored in the registry (`base add --upload`)."""
+
+    __tablename__ = "base_model_files"
+
+    base_id: int = Field(foreign_key="base_models.id", primary_key=True)
+    path: str = Field(primary_key=True, max_length=255)
+    size: int = Field(sa_type=sa.BigInteger)
+    sha256: str = Field(foreign_key="blobs.sha256", max_length=64, index=True)

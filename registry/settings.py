@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     )
     max_files: int = Field(default=DEFAULT_MAX_FILES, ge=1)
     max_version_bytes: int = Field(default=DEFAULT_MAX_VERSION_BYTES, ge=1)
+    # Largest base model stored with `lora-reg base add --upload`.
+    max_base_bytes: int = Field(default=4 * 1024**4, ge=1)
+    # Refuse every push that is not proven compatible with a registered base.
+    require_compatible: bool = False
     # Blobs above this size are uploaded in parts of `part_size` bytes (S3 store only).
     multipart_threshold: int = Field(default=64 * 1024**2, ge=5 * 1024**2)
     part_size: int = Field(default=64 * 1024**2, ge=5 * 1024**2)

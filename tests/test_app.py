@@ -52,6 +52,7 @@ def concrete(path: str) -> str:
         "name": "nothing",
         "selector": "1",
         "digest": "sha256:" + "0" * 64,
+        "ref": "nobody/nothing",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 

@@ -7,9 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service
+from registry.core.compat import CompatReport
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AdapterOut,
+    CheckRequest,
     CommitRequest,
     Page,
     UploadPlan,
@@ -36,10 +38,12 @@ def list_adapters(
     namespace: str | None = None,
     base: str | None = None,
     label: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies defaults)
+    compat: str | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page[AdapterOut]:
-    """Adapters, filtered by namespace, base model (`org/model[@rev]`) and labels (`key=value`)."""
+    """Adapters, filtered by namespace, base model (`org/model[@rev]`), labels (`key=value`)
+    and the compatibility of their latest version (`compatible`, `incompatible`, `unchecked`)."""
     return service.list_adapters(
         session,
         namespace=check_part("namespace", namespace) if namespace else None,
@@ -47,6 +51,7 @@ def list_adapters(
         labels=parse_pairs("label filter", label),
         limit=limit,
         offset=offset,
+        compat=compat,
     )
 
 
@@ -85,6 +90,22 @@ def get_version_files(
     adapter = _name(namespace, name)
     version = service.resolve(session, Reference(adapter, parse_selector(selector)))
     return service.version_out(session, adapter, version, with_files=True).files or []
+
+
+@router.post("/{namespace}/{name}/versions/{selector}/check", response_model=CompatReport)
+def check_version(
+    session: SessionDep,
+    store: StoreDep,
+    actor: ActorDep,
+    namespace: str,
+    name: str,
+    selector: str,
+    request: CheckRequest,
+) -> CompatReport:
+    """Check a version against a registered base (default: its own) and an optional serving
+    profile, from headers only. A plain check against its own base is recorded on the version."""
+    ref = Reference(_name(namespace, name), parse_selector(selector))
+    return service.check_version(session, store, ref, request, actor)
 
 
 @router.post("/{namespace}/{name}/uploads", response_model=UploadPlan)

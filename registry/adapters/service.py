@@ -9,18 +9,22 @@ metrics, labels and audit event.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
+from registry.core.compat import CompatReport, check_compatibility
 from registry.core.errors import (
     AdapterNotFound,
     AliasNotFound,
+    BaseNotFound,
     BlobMissing,
     BlobNotFound,
+    Incompatible,
     InvalidInput,
     VersionNotFound,
 )
@@ -31,18 +35,20 @@ from registry.core.manifest import (
     check_manifest,
     manifest_digest,
 )
-from registry.core.names import AdapterName, Reference, parse_base
+from registry.core.names import AdapterName, BaseModelId, Reference, parse_base
 from registry.core.peft import (
     AdapterConfigSummary,
     check_config_size,
     check_lora_tensors,
     parse_adapter_config,
 )
+from registry.core.profiles import bind
 from registry.core.safetensors_header import SafetensorsHeader, header_length, parse_header
 from registry.core.schemas import (
     MAX_LABEL_VALUE,
     MAX_LINEAGE_VALUE,
     AdapterOut,
+    CheckRequest,
     CommitRequest,
     FileSpec,
     Page,
@@ -51,21 +57,23 @@ from registry.core.schemas import (
     VersionOut,
     check_metrics,
     check_strings,
+    make_page,
 )
 from registry.models import (
     Adapter,
     AdapterVersion,
     AuditEvent,
+    BaseModelRow,
     VersionFile,
     VersionLabel,
     VersionMetric,
+    as_utc,
 )
 from registry.repository import count, for_update, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
 MAX_PAGE = 500
-T = TypeVar("T")
 
 
 # --- push: commit ------------------------------------------------------------------------------
@@ -124,13 +132,18 @@ def commit_version(
     # Storage reads first, so no database lock is held while they run. What they read only
     # counts once adopt_stored has verified every blob below.
     try:
-        summary, _header = read_adapter(store, entries)
+        summary, header = read_adapter(store, entries)
     except BlobNotFound:
         raise _missing([e for e in entries if e.path in (CONFIG_FILE, WEIGHTS_FILE)]) from None
     _, missing = adopt_stored(session, store, entries)
     if missing:
         raise _missing([entry for entry in entries if entry.sha256 in missing])
     digest = manifest_digest(entries)
+    base_id = base.id if base else summary.base_model_name_or_path
+    base_revision = base.revision if base and base.revision else summary.revision
+    report = _push_check(session, summary, header, base_id, base_revision)
+    if request.require_compatible or settings.require_compatible:
+        _require_compatible(base_id, base_revision, report)
 
     adapter = _lock_or_create_adapter(session, name)
     assert adapter.id is not None
@@ -151,8 +164,8 @@ def commit_version(
         adapter_id=adapter.id,
         number=(latest or 0) + 1,
         digest=digest,
-        base_model_id=base.id if base else summary.base_model_name_or_path,
-        base_model_revision=base.revision if base and base.revision else summary.revision,
+        base_model_id=base_id,
+        base_model_revision=base_revision,
         peft_type=summary.peft_type,
         task_type=summary.task_type,
         r=summary.r,
@@ -168,6 +181,9 @@ def commit_version(
         size=sum(entry.size for entry in entries),
         file_count=len(entries),
         created_by=actor,
+        compat_status=report.status if report else None,
+        compat_base=report.base if report else None,
+        compat_report=report.model_dump(mode="json") if report else None,
     )
     session.add(version)
     session.flush()
@@ -194,6 +210,112 @@ def commit_version(
     )
     session.flush()
     return version_out(session, name, version, with_files=True, created=True)
+
+
+def _push_check(
+    session: Session,
+    summary: AdapterConfigSummary,
+    header: SafetensorsHeader,
+    base_id: str | None,
+    base_revision: str | None,
+) -> CompatReport | None:
+    """The report against the pushed version's base, when that base is registered."""
+    row = bases.find_base_row(session, base_id, base_revision) if base_id else None
+    if row is None:
+        return None
+    return _run_check(summary.raw, header, row, (base_id, base_revision), None, {})
+
+
+def _run_check(
+    config: dict[str, Any],
+    header: SafetensorsHeader,
+    row: BaseModelRow,
+    claimed: tuple[str | None, str | None],
+    profile: str | None,
+    options: dict[str, Any],
+) -> CompatReport:
+    bound, values = bind(profile, options)
+    return check_compatibility(
+        config,
+        header.tensors,
+        bases.signature_of(row),
+        base_id=row.model_id,
+        base_revision=row.revision or None,
+        claimed_base=claimed,
+        profile=bound,
+        options=values,
+    )
+
+
+def _require_compatible(
+    base_id: str | None, base_revision: str | None, report: CompatReport | None
+) -> None:
+    if report is None:
+        ref = base_id + (f"@{base_revision}" if base_revision else "") if base_id else None
+        raise _base_not_registered(ref)
+    if not report.compatible:
+        first = report.errors[0].message
+        raise Incompatible(
+            f"the adapter is not compatible with {report.base}: {first}"
+            + (f" (and {len(report.errors) - 1} more error(s))" if len(report.errors) > 1 else ""),
+            report=report.model_dump(mode="json"),
+        )
+
+
+def _base_not_registered(ref: str | None) -> BaseNotFound:
+    if ref is None:
+        return BaseNotFound(
+            "compatibility is required but the adapter names no base model: push with --base ID"
+        )
+    return BaseNotFound(
+        f"compatibility is required but base {ref} is not registered: register it first "
+        f"(lora-reg base add {ref} --from DIR|s3://...|hf)",
+        base=ref,
+    )
+
+
+def check_version(
+    session: Session, store: ObjectStore, ref: Reference, request: CheckRequest, actor: str | None
+) -> CompatReport:
+    """Check a stored version against a registered base (by default its own), headers only.
+
+    A plain check (no profile) against the version's own base is recorded on the version.
+    """
+    version = resolve(session, ref)
+    files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
+    entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
+    target = parse_base(request.base) if request.base else None
+    if target is None and not version.base_model_id:
+        raise InvalidInput(
+            f"{ref} records no base model: pass --base ID[@REVISION] to check it against one"
+        )
+    wanted = target or BaseModelId(version.base_model_id or "", version.base_model_revision)
+    row = bases.get_base_row(session, wanted)
+    summary, header = read_adapter(store, entries)
+    claimed = (version.base_model_id, version.base_model_revision)
+    report = _run_check(summary.raw, header, row, claimed, request.profile, dict(request.options))
+    own_base = version.base_model_id == row.model_id and (
+        not version.base_model_revision or version.base_model_revision == row.revision
+    )
+    if (
+        request.profile is None
+        and own_base
+        and version.compat_report != report.model_dump(mode="json")
+    ):
+        version.compat_status = report.status
+        version.compat_base = report.base
+        version.compat_report = report.model_dump(mode="json")
+        session.add(version)
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="version.check",
+                subject=f"{ref.name}@{version.number}",
+                details={"base": report.base, "status": report.status},
+            )
+        )
+        session.flush()
+    return report
 
 
 def _missing(entries: list[FileEntry]) -> BlobMissing:
@@ -277,29 +399,17 @@ def version_out(
             VersionFileOut(path=f.path, size=f.size, sha256=f.sha256, url=blob_url(f.sha256))
             for f in rows
         ]
+    fields = version.model_dump()
+    if not with_files:
+        fields["compat_report"] = None  # listings stay small; single reads carry the report
     return VersionOut.model_validate(
         {
-            **version.model_dump(),
+            **fields,
             "adapter": str(name),
-            "created_at": _utc(version.created_at),
+            "created_at": as_utc(version.created_at),
             "files": files,
             "created": created,
         }
-    )
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands timestamps back naive; they were written in UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _page(items: list[T], total: int, limit: int, offset: int) -> Page[T]:
-    return Page[T](
-        items=items,
-        total=total,
-        limit=limit,
-        offset=offset,
-        next_offset=offset + limit if offset + limit < total else None,
     )
 
 
@@ -311,6 +421,7 @@ def list_adapters(
     labels: dict[str, str],
     limit: int,
     offset: int,
+    compat: str | None = None,
 ) -> Page[AdapterOut]:
     query: Any = select(Adapter)
     if namespace:
@@ -335,11 +446,33 @@ def list_adapters(
                 col(VersionLabel.value) == value,
             )
         )
+    if compat:
+        query = query.where(_latest_compat(compat))
     total = count(session, query)
     rows = session.exec(
         query.order_by(col(Adapter.namespace), col(Adapter.name)).limit(limit).offset(offset)
     ).all()
-    return _page(adapter_outs(session, list(rows)), total, limit, offset)
+    return make_page(adapter_outs(session, list(rows)), total, limit, offset)
+
+
+COMPAT_FILTERS = ("compatible", "incompatible", "unchecked")
+
+
+def _latest_compat(compat: str) -> Any:
+    """Adapters whose latest version has this compatibility status."""
+    if compat not in COMPAT_FILTERS:
+        raise InvalidInput(f"compat filter {compat!r}: use one of {', '.join(COMPAT_FILTERS)}")
+    latest = (
+        sa.select(sa.func.max(AdapterVersion.number))
+        .where(col(AdapterVersion.adapter_id) == Adapter.id)
+        .scalar_subquery()
+    )
+    status = col(AdapterVersion.compat_status)
+    return sa.exists().where(
+        col(AdapterVersion.adapter_id) == Adapter.id,
+        col(AdapterVersion.number) == latest,
+        status.is_(None) if compat == "unchecked" else status == compat,
+    )
 
 
 def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
@@ -376,7 +509,7 @@ def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
             AdapterOut(
                 name=str(name),
                 namespace=adapter.namespace,
-                created_at=_utc(adapter.created_at),
+                created_at=as_utc(adapter.created_at),
                 version_count=stats.get(adapter.id, (0, None))[0],
                 latest=version_out(session, name, newest) if newest else None,
             )
@@ -418,4 +551,4 @@ def list_versions(
         )
     total = count(session, query)
     rows = session.exec(query.order_by(*order).limit(limit).offset(offset)).all()
-    return _page([version_out(session, name, row) for row in rows], total, limit, offset)
+    return make_page([version_out(session, name, row) for row in rows], total, limit, offset)

@@ -63,6 +63,12 @@ class BlobNotFound(NotFound):
     code = "blob_not_found"
 
 
+class BaseNotFound(NotFound):
+    """Base model not registered (see lora-reg base ls; register it with lora-reg base add)."""
+
+    code = "base_not_found"
+
+
 # --- 409 ---------------------------------------------------------------------------------------
 
 
@@ -202,6 +208,25 @@ class StoreUploadMode(InvalidInput):
 
     status = 400
     code = "upload_mode"
+
+
+class InvalidBase(InvalidInput):
+    """The base model folder is not a safetensors checkpoint with a config.json."""
+
+    code = "invalid_base"
+
+
+class InvalidProfile(InvalidInput):
+    """Unknown serving profile or profile option (see lora-reg check --help)."""
+
+    code = "invalid_profile"
+
+
+class Incompatible(InvalidInput):
+    """The adapter is not compatible with its base model (see the compatibility report)."""
+
+    exit_code = 8
+    code = "incompatible"
 
 
 class BlobMissing(InvalidInput):

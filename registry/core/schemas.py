@@ -14,6 +14,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from registry.core.basemodel import BaseTensor
+from registry.core.compat import CompatReport
 from registry.core.errors import InvalidInput, InvalidMetric
 from registry.core.manifest import FileEntry, check_path, check_sha256
 
@@ -164,6 +166,8 @@ class CommitRequest(BaseModel):
     labels: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
+    # Refuse the push unless the version is proven compatible with its registered base.
+    require_compatible: bool = False
 
 
 class VersionFileOut(BaseModel):
@@ -197,6 +201,10 @@ class VersionOut(BaseModel):
     file_count: int
     created_at: datetime
     created_by: str | None
+    # "compatible" / "incompatible" against compat_base, or None when no base was registered.
+    compat_status: str | None = None
+    compat_base: str | None = None
+    compat_report: CompatReport | None = None  # with the files, on single-version reads
     files: list[VersionFileOut] | None = None
     created: bool | None = None  # set on commit: False when identical content already existed
 
@@ -209,6 +217,46 @@ class AdapterOut(BaseModel):
     latest: VersionOut | None
 
 
+class BaseRegisterRequest(BaseModel):
+    """Register a base: `source` is `s3://bucket/prefix` (the server reads the headers), or the
+    client sends `config` + `tensors` it read itself (a local folder, the Hub), or `files` it
+    uploaded (`--upload`: the server reads the headers from the stored blobs)."""
+
+    base: str  # id[@revision]
+    source: str = Field(max_length=2048)
+    config: dict[str, Any] | None = None
+    tensors: dict[str, BaseTensor] | None = None
+    files: list[FileSpec] = Field(default_factory=list)
+
+
+class BaseOut(BaseModel):
+    id: str
+    revision: str | None
+    source: str
+    stored: bool
+    model_type: str | None
+    parameter_count: int
+    tensor_count: int
+    shards: list[str]
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    config: dict[str, Any]
+    created_at: datetime
+    created_by: str | None
+    created: bool | None = None  # on register: False when it was already registered
+    tensors: dict[str, BaseTensor] | None = None  # with ?tensors=true
+    files: list[VersionFileOut] | None = None  # stored weights
+
+    @property
+    def ref(self) -> str:
+        return f"{self.id}@{self.revision}" if self.revision else self.id
+
+
+class CheckRequest(BaseModel):
+    base: str | None = None  # id[@revision]; default: the version's base
+    profile: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 T = TypeVar("T")
 
 
@@ -218,6 +266,16 @@ class Page(BaseModel, Generic[T]):
     limit: int
     offset: int
     next_offset: int | None
+
+
+def make_page(items: list[T], total: int, limit: int, offset: int) -> Page[T]:
+    return Page[T](
+        items=items,
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if offset + limit < total else None,
+    )
 
 
 class Problem(BaseModel):

@@ -19,13 +19,20 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
+from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from registry.core.errors import BlobNotFound, ChecksumMismatch, Conflict, StorageUnavailable
+from registry.core.errors import (
+    BlobNotFound,
+    ChecksumMismatch,
+    Conflict,
+    InvalidBase,
+    StorageUnavailable,
+)
 from registry.core.schemas import CompletedPart, UploadInstruction, UploadPart
 from registry.storage.base import ObjectStore
 
@@ -94,28 +101,7 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.presign_expiry_s = presign_expiry_s
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        config = Config(
-            signature_version="s3v4",
-            # Custom endpoints (SeaweedFS, MinIO...) rarely resolve bucket sub-domains.
-            s3={"addressing_style": "path" if endpoint or public_endpoint else "auto"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-            # Checksums are chosen explicitly (sha256) where they matter; no SDK defaults.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        self.client: Any = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=region, config=config
-        )
-        # Presigned URLs are signed for the host clients use; signing is local, no I/O.
-        self.presigner: Any = (
-            boto3.client("s3", endpoint_url=public_endpoint, region_name=region, config=config)
-            if public_endpoint
-            else self.client
-        )
+        self.client, self.presigner = make_clients(public_endpoint)
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -379,3 +365,72 @@ class S3Store(ObjectStore):
                 )
             finally:
                 self.client.delete_object(Bucket=self.bucket, Key=key)
+
+
+def make_clients(public_endpoint: str | None = None) -> tuple[Any, Any]:
+    """(client, presigner) for the configured endpoint; the presigner signs for the address
+    clients use when that differs from the server's (`LORA_REG_S3_PUBLIC_ENDPOINT`)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        signature_version="s3v4",
+        # Custom endpoints (SeaweedFS, MinIO...) rarely resolve bucket sub-domains.
+        s3={"addressing_style": "path" if endpoint or public_endpoint else "auto"},
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+        # Checksums are chosen explicitly (sha256) where they matter; no SDK defaults.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # Presigned URLs are signed for the host clients use; signing is local, no I/O.
+    presigner = (
+        boto3.client("s3", endpoint_url=public_endpoint, region_name=region, config=config)
+        if public_endpoint
+        else client
+    )
+    return client, presigner
+
+
+class S3Folder:
+    """Read-only view of the objects under `s3://bucket/prefix/` (a base checkpoint), for
+    listing and ranged reads; counts the bytes it reads."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise InvalidBase(f"{url!r} is not an s3://bucket/prefix URL")
+        self.url = url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client, _ = make_clients()
+        self.bytes_read = 0
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def files(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        start = f"{self.prefix}/" if self.prefix else ""
+        with _translated(self.url):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=start
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    found[item["Key"][len(start) :]] = int(item["Size"])
+        if not found:
+            raise InvalidBase(f"{self.url} holds no objects; upload the checkpoint there first")
+        return found
+
+    def read(self, path: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with _translated(f"{self.url}/{path}"):
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(path), Range=f"bytes={start}-{start + length - 1}"
+            )
+            data = bytes(response["Body"].read())
+        self.bytes_read += len(data)
+        return data

@@ -1,0 +1,66 @@
+"""REST endpoints for base models under /api/v1/bases (routes only: no SQL here)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from registry.bases import service
+from registry.core.names import parse_base
+from registry.core.schemas import BaseOut, BaseRegisterRequest, Page, UploadPlan, UploadPlanRequest
+from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+
+router = APIRouter(prefix="/api/v1/bases", tags=["bases"])
+
+MAX_PAGE = 500
+
+
+@router.get("", response_model=Page[BaseOut])
+def list_bases(
+    session: ReadSessionDep,
+    id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[BaseOut]:
+    """Registered base models (without their tensor signatures), optionally of one id."""
+    return service.list_bases(
+        session, model_id=parse_base(id).id if id else None, limit=limit, offset=offset
+    )
+
+
+@router.post(
+    "",
+    response_model=BaseOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": BaseOut, "description": "already registered with this signature"}},
+)
+def register_base(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    request: BaseRegisterRequest,
+    response: Response,
+) -> BaseOut:
+    """Register a base from an S3 prefix, uploaded files, or a signature the client read."""
+    base = service.register_base(session, store, settings, request, actor)
+    if not base.created:
+        response.status_code = status.HTTP_200_OK
+    return base
+
+
+@router.post("/uploads", response_model=UploadPlan)
+def plan_upload(
+    session: SessionDep, store: StoreDep, settings: SettingsDep, request: UploadPlanRequest
+) -> UploadPlan:
+    """Which of a base's files are missing from the store, and how to upload each."""
+    return service.plan_upload(session, store, settings, request.files)
+
+
+@router.get("/{ref:path}", response_model=BaseOut)
+def get_base(session: ReadSessionDep, ref: str, tensors: bool = False) -> BaseOut:
+    """One base, `org/model` (latest registered revision) or `org/model@revision`; with
+    `?tensors=true` its whole tensor signature."""
+    row = service.get_base_row(session, parse_base(ref))
+    return service.base_out(session, row, with_tensors=tensors)
