@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from cli.console import JsonOpt, emit_json, out, page_footer, progress, registry, size, when
@@ -213,8 +214,10 @@ def print_report(report: CompatReport, subject: str) -> None:
     out.print(f"{subject}{where}: {verdict}{how if report.profile else ''}")
 
 
-def print_findings(report: CompatReport) -> None:
+def print_findings(report: CompatReport, console: Console = out) -> None:
     for finding in report.errors:
-        out.print(f"[red]error[/red] {finding.code}: {finding.message}", highlight=False)
+        console.print(f"[red]error[/red] {finding.code}: {finding.message}", highlight=False)
     for finding in report.warnings:
-        out.print(f"[yellow]warning[/yellow] {finding.code}: {finding.message}", highlight=False)
+        console.print(
+            f"[yellow]warning[/yellow] {finding.code}: {finding.message}", highlight=False
+        )

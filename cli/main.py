@@ -29,6 +29,7 @@ from cli.console import (
     when,
 )
 from registry import __version__
+from registry.core.compat import CompatReport
 from registry.core.errors import RegistryError
 from registry.core.schemas import VersionOut, parse_pairs
 
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         if state.verbose:
             err.print_exception()
         err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        if isinstance(exc.details.get("report"), dict):  # push --require-compatible
+            print_findings(CompatReport.model_validate(exc.details["report"]), console=err)
         sys.exit(exc.exit_code)
     except OSError as exc:
         if state.verbose:

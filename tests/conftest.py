@@ -298,6 +298,24 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
     return make
 
 
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory of real tiny base checkpoints (config.json + safetensors), made once per
+    (arch, options); `make_base` options such as max_shard_size="20KB" or hidden_size=96."""
+    root = tmp_path_factory.mktemp("bases")
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "llama", **options: object) -> Path:
+        key = f"{arch}-" + "-".join(f"{k}={options[k]}" for k in sorted(options))
+        if key not in made:
+            from tests.support.adapters import make_base
+
+            made[key] = make_base(arch, root / unique("base"), **options)  # type: ignore[arg-type]
+        return made[key]
+
+    return make
+
+
 def copy_adapter(source: Path, destination: Path) -> Path:
     shutil.copytree(source, destination)
     return destination

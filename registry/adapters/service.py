@@ -462,9 +462,11 @@ def _latest_compat(compat: str) -> Any:
     """Adapters whose latest version has this compatibility status."""
     if compat not in COMPAT_FILTERS:
         raise InvalidInput(f"compat filter {compat!r}: use one of {', '.join(COMPAT_FILTERS)}")
+    newer = sa.orm.aliased(AdapterVersion)
     latest = (
-        sa.select(sa.func.max(AdapterVersion.number))
-        .where(col(AdapterVersion.adapter_id) == Adapter.id)
+        sa.select(sa.func.max(col(newer.number)))
+        .where(col(newer.adapter_id) == Adapter.id)
+        .correlate(Adapter)
         .scalar_subquery()
     )
     status = col(AdapterVersion.compat_status)

@@ -108,8 +108,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def tiny_config(arch: str) -> PretrainedConfig:
-    """Return the tiny transformers config used for ``arch``."""
+def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
+    """Return the tiny transformers config used for ``arch``, with ``overrides`` applied (e.g.
+    ``hidden_size=96`` for a base of another size)."""
     _check_arch(arch)
     import transformers
 
@@ -120,12 +121,12 @@ def tiny_config(arch: str) -> PretrainedConfig:
         "gpt2": transformers.GPT2Config,
         "bert": transformers.BertConfig,
     }[arch]
-    config: PretrainedConfig = config_cls(**_CONFIG_KWARGS[arch])
+    config: PretrainedConfig = config_cls(**{**_CONFIG_KWARGS[arch], **overrides})
     return config
 
 
 def build_base_model(
-    arch: str, dtype: torch.dtype | str | None = None, seed: int = 0
+    arch: str, dtype: torch.dtype | str | None = None, seed: int = 0, **overrides: Any
 ) -> PreTrainedModel:
     """Build the tiny random base model for ``arch`` in memory (default dtype float32).
 
@@ -135,7 +136,7 @@ def build_base_model(
     import torch
     import transformers
 
-    config = tiny_config(arch)
+    config = tiny_config(arch, **overrides)
     model_cls = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
     # fork_rng: seeding the global generator must not leak into the calling test.
     with torch.random.fork_rng(devices=[]):
@@ -149,12 +150,23 @@ def build_base_model(
 
 
 def make_base(
-    arch: str, out_dir: Path, dtype: torch.dtype | str | None = None, seed: int = 0
+    arch: str,
+    out_dir: Path,
+    dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Save the tiny base model for ``arch`` (config.json + model.safetensors) to ``out_dir``."""
+    """Save the tiny base model for ``arch`` (config.json + model.safetensors) to ``out_dir``.
+
+    ``max_shard_size`` (e.g. "20KB") writes shards and an index; ``overrides`` change the config.
+    """
     out_dir = Path(out_dir)
-    model = build_base_model(arch, dtype=dtype, seed=seed)
-    model.save_pretrained(out_dir)
+    model = build_base_model(arch, dtype=dtype, seed=seed, **overrides)
+    if max_shard_size:
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(out_dir)
     return out_dir
 
 
