@@ -172,6 +172,10 @@ def check(
                 "base_bytes_read": local.base_bytes_read,
             }
         else:
+            if "@" not in adapter and (
+                adapter.startswith((".", "/", "~")) or adapter.count("/") > 1
+            ):
+                raise typer.BadParameter(f"{adapter} is not a folder (nor an ns/name reference)")
             if base is not None and Path(base).is_dir():
                 raise typer.BadParameter(
                     "a registry reference is checked against a registered base: register the "

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from registry.core.basemodel import BaseSignature
 
 CHECKER_VERSION = "1"
+MAX_PER_CODE = 5
 PEFT_PREFIX = "base_model.model."
 Severity = Literal["error", "warning"]
 
@@ -263,9 +264,10 @@ def check_compatibility(
         for rule in profile.rules:
             rule(analysis, options)
         findings = analysis.findings
-    errors = [f for f in findings if f.severity == "error"]
-    failing = {f.module for f in errors if f.module}
+    failing = {f.module for f in findings if f.severity == "error" and f.module}
     rows = [row.model_copy(update={"ok": row.module not in failing}) for row in analysis.rows]
+    findings = _collapse(findings)
+    errors = [f for f in findings if f.severity == "error"]
     label = None
     if base_id:
         label = f"{base_id}@{base_revision}" if base_revision else base_id
@@ -279,6 +281,34 @@ def check_compatibility(
         modules=rows,
         replaced=sorted(analysis.replaced),
     )
+
+
+def _collapse(findings: list[Finding], keep: int = MAX_PER_CODE) -> list[Finding]:
+    """At most `keep` findings per (code, severity); the rest become one line that counts them
+    (an all-linear adapter on the wrong base would otherwise repeat itself 150 times)."""
+    seen: dict[tuple[str, Severity], list[Finding]] = {}
+    for finding in findings:
+        seen.setdefault((finding.code, finding.severity), []).append(finding)
+    kept: list[Finding] = []
+    for (code, severity), group in seen.items():
+        kept.extend(group[:keep])
+        rest = group[keep:]
+        if rest:
+            modules = [f.module for f in rest if f.module]
+            kept.append(
+                Finding(
+                    code=code,
+                    severity=severity,
+                    message=f"... and {len(rest)} more {code} finding(s)"
+                    + (
+                        f" ({', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''})"
+                        if modules
+                        else ""
+                    ),
+                    fix=group[0].fix,
+                )
+            )
+    return kept
 
 
 def analyse(

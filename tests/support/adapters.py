@@ -181,6 +181,7 @@ def make_adapter(
     base_model_name_or_path: str | None = None,
     base_seed: int = 0,
     dtype: torch.dtype | str | None = None,
+    base_config: dict[str, Any] | None = None,
     **lora_kwargs: Any,
 ) -> Path:
     """Save a real PEFT LoRA adapter for the tiny ``arch`` base to ``out_dir``; return out_dir.
@@ -190,14 +191,15 @@ def make_adapter(
     LoRA matrices) gets seeded random values, since PEFT initialises them so that the adapter is a
     no-op. ``base_model_name_or_path`` is written to adapter_config.json (PEFT would otherwise
     write null for a model built from a config). Extra keyword arguments go to ``LoraConfig``,
-    e.g. ``lora_dropout``, ``bias``, ``use_rslora`` or ``task_type``. Targeting an embedding
+    e.g. ``lora_dropout``, ``bias``, ``use_rslora`` or ``task_type``; ``base_config`` changes the
+    base's config (as ``make_base(arch, ..., **base_config)`` does). Targeting an embedding
     layer (e.g. ``embed_tokens``) also saves that layer's full weights, as PEFT does by default.
     """
     import torch
     from peft import LoraConfig, get_peft_model
 
     out_dir = Path(out_dir)
-    model = build_base_model(arch, dtype=dtype, seed=base_seed)
+    model = build_base_model(arch, dtype=dtype, seed=base_seed, **(base_config or {}))
     if base_model_name_or_path is not None:
         # get_peft_model copies the model's name_or_path into the config (overwriting any value
         # given to LoraConfig), and the generated README.md uses it too.
