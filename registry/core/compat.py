@@ -319,7 +319,14 @@ def analyse(
     prefix = _base_prefix(model_type, base)
     task = _str_or_none(config.get("task_type"))
     prefixed = prefix is not None and any(k.startswith(prefix + ".") for k in base.tensors)
-    head = task in HEAD_TASKS if task else prefixed
+    # Without a task type, the adapter's own key names tell which model PEFT wrapped.
+    head = (
+        task in HEAD_TASKS
+        if task
+        else any(k.startswith(f"{PEFT_PREFIX}{prefix}.") for k in tensors)
+        if prefix
+        else False
+    )
     serving = _serving_names(base, prefix, head, prefixed)
     analysis = Analysis(config, base, model_type, prefix, head, False, serving)
     analysis.tied = _tie_output_embedding(analysis)
@@ -539,7 +546,11 @@ def _read_keys(a: Analysis, tensors: Mapping[str, TensorLike]) -> None:
                 parts.bias = shape
             else:
                 parts.magnitude = shape
-        elif kind == "base_layer" or _is_saved_module(rest, modules_to_save):
+        elif (
+            kind == "base_layer"
+            or _is_saved_module(rest, modules_to_save)
+            or _is_embedding_copy(a, rest)
+        ):
             name = rest.replace(".base_layer.", ".")
             a.replaced[name] = shape
             if kind != "base_layer":
@@ -583,6 +594,13 @@ def _classify(rest: str) -> tuple[str | None, str]:
 def _is_saved_module(rest: str, modules_to_save: list[str]) -> bool:
     module = rest.rsplit(".", 1)[0]
     return any(module == m or module.endswith("." + m) for m in modules_to_save)
+
+
+def _is_embedding_copy(a: Analysis, rest: str) -> bool:
+    """PEFT's save_embedding_layers writes the input and output embeddings whole (targeted, or
+    resized vocabulary): `model.embed_tokens.weight`, `lm_head.weight`."""
+    module, _, part = rest.rpartition(".")
+    return part == "weight" and (module == a.input_embedding or module == "lm_head")
 
 
 def _unrecognised_hint(rest: str) -> str:
@@ -863,19 +881,6 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
                 fix="serve it unmerged, or retrain without lora_bias",
                 module=module,
             )
-    fan_in_fan_out = config.get("fan_in_fan_out")
-    if (
-        isinstance(fan_in_fan_out, bool)
-        and kind != "embedding"
-        and fan_in_fan_out != (kind == "conv1d")
-    ):
-        a.add(
-            "fan_in_fan_out_ignored",
-            "warning",
-            f"{module}: fan_in_fan_out={fan_in_fan_out} does not match the {kind} layer; PEFT "
-            "corrects it per layer, and so does the merge",
-            module=module,
-        )
 
 
 def _check_tokens(a: Analysis) -> None:
@@ -954,13 +959,8 @@ def _check_coverage(a: Analysis, replication: Callable[[str], str]) -> None:
     targeted = _targeted_modules(a)
     if targeted is None:
         return
-    found = {
-        _locate(a, p.module)[0] or p.module
-        for p in a.lora.values()
-        if _locate(a, p.module)[0] is not None
-    }
-    lora_modules = {p.module for p in a.lora.values()}
-    missing = sorted(targeted - found - lora_modules)
+    found = {module for module in a.lora if _locate(a, module)[0] is not None}
+    missing = sorted(targeted - found)
     if missing and (a.lora or not a.tokens):
         a.add(
             "missing_lora_tensors",
