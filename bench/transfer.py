@@ -262,6 +262,23 @@ class Round:
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def sqlite_s3_environment(seaweed: SeaweedServer, server_dir: Path) -> tuple[dict[str, str], str]:
+    """(environment, bucket) for a `lora-reg server` on SQLite in `server_dir` and a fresh bucket
+    of `seaweed`, with the server's production multipart threshold and part size.
+
+    Start it with `tests.conftest.start_server(server_dir, env, "sqlite-s3", bucket)`.
+    """
+
+    def no_postgres() -> str:
+        raise AssertionError("the benchmark runs the server on SQLite")
+
+    env, bucket = server_environment("sqlite-s3", server_dir, seaweed, no_postgres)
+    assert bucket is not None
+    env["LORA_REG_MULTIPART_THRESHOLD"] = str(MULTIPART_THRESHOLD)
+    env["LORA_REG_PART_SIZE"] = str(PART_SIZE)
+    return env, bucket
+
+
 def run_round(index: int, seaweed: SeaweedServer, adapter: Path, files: Files, work: Path) -> Round:
     result = Round()
     total = sum(size for _, _, size in files)
@@ -272,16 +289,10 @@ def run_round(index: int, seaweed: SeaweedServer, adapter: Path, files: Files, w
     server_dir = round_dir / "server"
     server_dir.mkdir(parents=True)
 
-    def no_postgres() -> str:
-        raise AssertionError("the benchmark runs the server on SQLite")
-
-    env, bucket = server_environment("sqlite-s3", server_dir, seaweed, no_postgres)
-    assert bucket is not None
+    env, bucket = sqlite_s3_environment(seaweed, server_dir)
     # SeaweedFS grows volumes for a bucket on its first write: do that before any timing.
     for name in (raw_bucket, bucket):
         s3.put_object(Bucket=name, Key="warmup/object", Body=os.urandom(MIB))
-    env["LORA_REG_MULTIPART_THRESHOLD"] = str(MULTIPART_THRESHOLD)
-    env["LORA_REG_PART_SIZE"] = str(PART_SIZE)
     server = start_server(server_dir, env, "sqlite-s3", bucket)
     pids = {"server": server.process.pid, "seaweedfs": seaweed.process.pid}
 
