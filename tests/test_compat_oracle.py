@@ -52,6 +52,12 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
         "tied llama lm_head LoRA",
         {"target_modules": ["q_proj", "lm_head"], "base_config": {"tie_word_embeddings": True}},
     ),
+    ("llama", "trainable tokens", {"trainable_token_indices": [1, 2, 3]}),
+    (
+        "mistral",
+        "modules_to_save + embedding LoRA",
+        {"target_modules": ["embed_tokens", "v_proj"], "modules_to_save": ["lm_head"]},
+    ),
     ("bert", "query/value", {}),
     ("bert", "all-linear", {"target_modules": "all-linear"}),
     ("bert", "DoRA", {"use_dora": True}),
