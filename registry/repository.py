@@ -12,10 +12,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel
 
 
-def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING on both SQLite and PostgreSQL."""
+def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING on both SQLite and PostgreSQL; the rows inserted."""
     if not rows:
-        return
+        return 0
     table = model.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
     statement: Any
@@ -25,7 +25,8 @@ def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, 
         statement = sqlite.insert(table).values(rows).on_conflict_do_nothing()
     else:  # pragma: no cover - only the two supported databases reach here
         raise NotImplementedError(dialect)
-    session.execute(statement)
+    # RETURNING lists only the rows inserted (rowcount is -1 for multi-row inserts on psycopg).
+    return len(session.execute(statement.returning(*table.primary_key.columns)).all())
 
 
 def for_update(session: Session, statement: Any) -> Any:

@@ -145,3 +145,50 @@ def test_unexpected_errors_keep_their_details_in_the_server_log(
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["code"] == "internal"
     assert "hunter2" not in response.text and "SELECT" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (
+            {
+                "base": "o/m",
+                "source": "file:///x",
+                "config": {},
+                "tensors": {"w": {"dtype": "F32", "shape": [2**40, 2**40]}},
+            },
+            "invalid_base",
+        ),
+        (
+            {
+                "base": "o/m",
+                "source": "file:///x",
+                "config": {},
+                "tensors": {"w": {"dtype": "X9", "shape": [2]}},
+            },
+            "invalid_base",
+        ),
+        ({"base": "o/m", "source": "file:///x"}, "invalid_base"),
+        ({"base": "o/m", "source": "ftp://x"}, "invalid_base"),
+        ({"base": "o/m", "source": "s3://"}, "invalid_base"),
+        ({"base": "../m", "source": "file:///x", "config": {}, "tensors": {}}, "invalid_name"),
+    ],
+)
+def test_bad_base_registrations_are_refused_with_a_code(
+    app_client: TestClient, body: dict[str, object], code: str
+) -> None:
+    response = app_client.post("/api/v1/bases", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+    assert app_client.get("/api/v1/bases").json()["total"] == 0
+
+
+def test_the_registry_never_registers_its_own_storage_as_a_base(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url="s3://registry-bucket/objects"
+    )
+    upgrade(settings)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+        for source in ("s3://registry-bucket/objects/blobs", "s3://registry-bucket"):
+            response = http.post("/api/v1/bases", json={"base": "o/m", "source": source})
+            assert response.json()["code"] == "invalid_base", source

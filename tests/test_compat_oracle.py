@@ -9,6 +9,7 @@ another width must fail, with shape errors, in both.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,49 @@ def test_checker_and_peft_both_refuse_broken_adapters(
     tmp_path: Path,
 ) -> None:
     adapter = _rewrite(adapter_dir("llama"), tmp_path / "broken", edit)
+    base = base_dir("llama")
+    report, _ = local_check(adapter, folder_signature(base).signature)
+    outcome = peft_load_report(base, adapter)
+    assert not outcome.clean
+    assert not report.compatible
+    assert code in {e.code for e in report.errors}
+
+
+def _with_config(adapter: Path, to: Path, **changes: Any) -> Path:
+    """A copy of `adapter` with adapter_config.json fields changed."""
+    shutil.copytree(adapter, to)
+    config = json.loads((to / "adapter_config.json").read_text())
+    (to / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return to
+
+
+CONFIGS = [
+    pytest.param(
+        {"target_modules": ["q_proj", "v_proj", "input_layernorm"]},
+        "unsupported_target",
+        id="norm-layer-targeted",
+    ),
+    pytest.param({"lora_bias": True, "use_dora": True}, "invalid_config", id="lora_bias+dora"),
+    pytest.param({"rank_pattern": {"q_proj": "4"}}, "invalid_config", id="rank-as-string"),
+    pytest.param(
+        {"target_modules": ".*q_proj", "layers_to_transform": [0]},
+        "invalid_config",
+        id="regex+layers_to_transform",
+    ),
+    pytest.param({"modules_to_save": ["lm_head"]}, "missing_lora_tensors", id="saved-head-gone"),
+    pytest.param({"trainable_token_indices": [1, 2]}, "missing_lora_tensors", id="tokens-gone"),
+]
+
+
+@pytest.mark.parametrize(("changes", "code"), CONFIGS)
+def test_checker_and_peft_both_refuse_configs_peft_cannot_load(
+    changes: dict[str, Any],
+    code: str,
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    adapter = _with_config(adapter_dir("llama"), tmp_path / "edited", **changes)
     base = base_dir("llama")
     report, _ = local_check(adapter, folder_signature(base).signature)
     outcome = peft_load_report(base, adapter)

@@ -140,7 +140,9 @@ def commit_version(
         raise _missing([entry for entry in entries if entry.sha256 in missing])
     digest = manifest_digest(entries)
     base_id = base.id if base else summary.base_model_name_or_path
-    base_revision = base.revision if base and base.revision else summary.revision
+    base_revision = base.revision if base else summary.revision
+    if base and not base.revision and base.id == summary.base_model_name_or_path:
+        base_revision = summary.revision  # --base named the config's model without a revision
     report = _push_check(session, summary, header, base_id, base_revision)
     if request.require_compatible or settings.require_compatible:
         _require_compatible(base_id, base_revision, report)
@@ -294,12 +296,12 @@ def check_version(
     summary, header = read_adapter(store, entries)
     claimed = (version.base_model_id, version.base_model_revision)
     report = _run_check(summary.raw, header, row, claimed, request.profile, dict(request.options))
-    own_base = version.base_model_id == row.model_id and (
-        not version.base_model_revision or version.base_model_revision == row.revision
-    )
+    # The report is recorded only against the base a push would pick for this version.
+    own = bases.find_base_row(session, version.base_model_id or "", version.base_model_revision)
     if (
         request.profile is None
-        and own_base
+        and own is not None
+        and own.id == row.id
         and version.compat_report != report.model_dump(mode="json")
     ):
         version.compat_status = report.status

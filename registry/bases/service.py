@@ -36,12 +36,13 @@ from registry.core.schemas import (
     VersionFileOut,
     make_page,
 )
-from registry.models import AuditEvent, BaseModelFile, BaseModelRow, as_utc
-from registry.repository import count
+from registry.models import AuditEvent, BaseModelFile, BaseModelRow, as_utc, utcnow
+from registry.repository import count, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
 MAX_TENSORS = 200_000
+MAX_PARAMETERS = 2**53  # far beyond any model; keeps counts exact in JSON and BigInteger
 CLIENT_SOURCES = ("file://", "hf://")
 
 
@@ -83,6 +84,15 @@ def _signature(
     if request.source.startswith("s3://"):
         from registry.storage.s3 import S3Folder
 
+        own = settings.storage_url.rstrip("/") + "/"
+        if (request.source.rstrip("/") + "/").startswith(own) or own.startswith(
+            request.source.rstrip("/") + "/"
+        ):
+            raise InvalidBase(
+                f"{request.source} is inside the registry's own storage ({settings.storage_url}); "
+                "point --from at where the checkpoint was uploaded"
+            )
+
         folder = S3Folder(request.source)
         signature, _ = read_signature(folder.files(), folder.read)
         return signature, request.source, []
@@ -101,6 +111,8 @@ def _check_signature(signature: BaseSignature) -> None:
         raise InvalidBase("the base has no tensors")
     if len(signature.tensors) > MAX_TENSORS:
         raise InvalidBase(f"the base has more than {MAX_TENSORS} tensors")
+    if signature.parameter_count >= MAX_PARAMETERS:
+        raise InvalidBase(f"the base claims {signature.parameter_count} parameters")
     for name, tensor in signature.tensors.items():
         if tensor.dtype not in DTYPE_BITS or any(d < 0 for d in tensor.shape):
             raise InvalidBase(
@@ -124,44 +136,48 @@ def register_base(
         if missing:
             raise BlobMissing(f"{len(missing)} file(s) of the base are not uploaded yet")
     tensors = {name: tensor.model_dump() for name, tensor in signature.tensors.items()}
-    existing = session.exec(
+    # Insert-or-keep, so two registrations of the same base at once both succeed.
+    created = insert_ignore(
+        session,
+        BaseModelRow,
+        [
+            {
+                "model_id": ref.id,
+                "revision": ref.revision or "",
+                "source": source,
+                "config": signature.config,
+                "tensors": tensors,
+                "parameter_count": signature.parameter_count,
+                "stored": False,
+                "created_at": utcnow(),
+                "created_by": actor,
+            }
+        ],
+    )
+    row = session.exec(
         select(BaseModelRow).where(
             BaseModelRow.model_id == ref.id, BaseModelRow.revision == (ref.revision or "")
         )
-    ).first()
-    if existing is not None:
-        if existing.config != signature.config or existing.tensors != tensors:
-            raise Conflict(
-                f"base {ref} is already registered with another config or other tensors; bases "
-                "are immutable: register this one under its own revision (ID@REVISION)",
-                base=str(ref),
-            )
-        if entries and not existing.stored:
-            _attach_files(session, existing, entries, actor)
-        return base_out(session, existing, created=False)
-    row = BaseModelRow(
-        model_id=ref.id,
-        revision=ref.revision or "",
-        source=source,
-        config=signature.config,
-        tensors=tensors,
-        parameter_count=signature.parameter_count,
-        created_by=actor,
-    )
-    session.add(row)
-    session.flush()
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="base.add",
-            subject=str(ref),
-            details={"source": source, "tensors": len(tensors), "stored": bool(entries)},
+    ).one()
+    if not created and (row.config != signature.config or row.tensors != tensors):
+        raise Conflict(
+            f"base {ref} is already registered with another config or other tensors; bases "
+            "are immutable: register this one under its own revision (ID@REVISION)",
+            base=str(ref),
         )
-    )
-    if entries:
+    if created:
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="base.add",
+                subject=str(ref),
+                details={"source": source, "tensors": len(tensors), "stored": bool(entries)},
+            )
+        )
+    if entries and not row.stored:
         _attach_files(session, row, entries, actor)
     session.flush()
-    return base_out(session, row, created=True)
+    return base_out(session, row, created=bool(created))
 
 
 def _attach_files(

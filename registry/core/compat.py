@@ -83,6 +83,7 @@ EMBEDDING_LEAVES = frozenset(
     {*INPUT_EMBEDDINGS, "wpe", "position_embeddings", "token_type_embeddings", "embed_positions"}
 )
 OUTPUT_LAYERS = frozenset({"lm_head", "score", "classifier", "qa_outputs"})
+CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "encoder", "decoder", "embeddings"})
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 # init_lora_weights values that change the base weights as well (the adapter needs that base).
 MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -169,6 +170,7 @@ class Analysis:
     replaced: dict[str, list[int]] = field(default_factory=dict)  # serving name -> shape
     saved_modules: set[str] = field(default_factory=set)  # modules_to_save tensors in the file
     tokens: dict[str, list[int]] = field(default_factory=dict)  # trainable-token deltas
+    quantized: bool = False
     findings: list[Finding] = field(default_factory=list)
 
     def add(
@@ -315,6 +317,8 @@ def analyse(
     config: Mapping[str, Any], tensors: Mapping[str, TensorLike], base: BaseSignature
 ) -> Analysis:
     """Run every base rule; the result feeds the verdict and the profiles."""
+    findings: list[Finding] = []
+    config = normalise_config(config, findings)
     model_type = _str_or_none(base.config.get("model_type"))
     prefix = _base_prefix(model_type, base)
     task = _str_or_none(config.get("task_type"))
@@ -328,8 +332,9 @@ def analyse(
         else False
     )
     serving = _serving_names(base, prefix, head, prefixed)
-    analysis = Analysis(config, base, model_type, prefix, head, False, serving)
+    analysis = Analysis(config, base, model_type, prefix, head, False, serving, findings=findings)
     analysis.tied = _tie_output_embedding(analysis)
+    analysis.quantized = isinstance(base.config.get("quantization_config"), dict)
 
     _check_config(analysis)
     _read_keys(analysis, tensors)
@@ -340,6 +345,101 @@ def analyse(
     _check_coverage(analysis, replication)
     _check_tied(analysis)
     return analysis
+
+
+# --- adapter_config.json, typed ----------------------------------------------------------------
+
+MAX_REPLICATED_LAYERS = 10_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
+
+
+def _pattern(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_number(v) and v > 0 for k, v in value.items()
+    )
+
+
+def _replication(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and all(
+            isinstance(item, list)
+            and len(item) == 2
+            and all(_is_int(i) and i >= 0 for i in item)
+            and item[0] <= item[1]
+            for item in value
+        )
+        and sum(item[1] - item[0] for item in value) <= MAX_REPLICATED_LAYERS
+    )
+
+
+# Every field the rules read, with what PEFT accepts there. A value of another type is reported
+# (`invalid_config`) and treated as absent, so no rule ever sees it.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    "target_modules": (lambda v: isinstance(v, str) or _str_list(v), "a list of names or a regex"),
+    "exclude_modules": (lambda v: isinstance(v, str) or _str_list(v), "a list or a regex"),
+    "modules_to_save": (_str_list, "a list of module names"),
+    "layers_to_transform": (lambda v: (_is_int(v) and v >= 0) or _int_list(v), "layer indices"),
+    "layers_pattern": (lambda v: isinstance(v, str) or _str_list(v), "a name or list of names"),
+    "rank_pattern": (_pattern, "a map of module patterns to positive numbers"),
+    "alpha_pattern": (_pattern, "a map of module patterns to positive numbers"),
+    "layer_replication": (_replication, f"[[start, end], ...] (at most {MAX_REPLICATED_LAYERS})"),
+    "trainable_token_indices": (
+        lambda v: (
+            _int_list(v)
+            or (
+                isinstance(v, dict)
+                and all(isinstance(k, str) and _int_list(i) for k, i in v.items())
+            )
+        ),
+        "a list of token ids, or a map of module names to lists",
+    ),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'),
+    "init_lora_weights": (lambda v: isinstance(v, bool | str), "true, false or a method name"),
+    **{
+        key: (lambda v: isinstance(v, bool), "true or false")
+        for key in ("use_dora", "use_rslora", "lora_bias", "use_qalora", "fan_in_fan_out")
+    },
+}
+
+
+def normalise_config(config: Mapping[str, Any], findings: list[Finding]) -> dict[str, Any]:
+    """adapter_config.json with every field the rules read checked against what PEFT accepts;
+    bad values become `invalid_config` findings and are dropped."""
+    clean = dict(config)
+    for key, (valid, expected) in _FIELDS.items():
+        value = clean.get(key)
+        if value is None or valid(value):
+            continue
+        del clean[key]
+        findings.append(
+            Finding(
+                code="invalid_config",
+                severity="error",
+                message=f"adapter_config.json: {key} must be {expected}, got {value!r:.80}; "
+                "fix adapter_config.json (PEFT would refuse it)",
+                fix="fix adapter_config.json (PEFT would refuse it)",
+            )
+        )
+    return clean
 
 
 # --- base model layout -------------------------------------------------------------------------
@@ -359,10 +459,14 @@ def _base_prefix(model_type: str | None, base: BaseSignature) -> str | None:
         firsts[first] = firsts.get(first, 0) + 1
     if firsts:
         first, count = max(firsts.items(), key=lambda item: item[1])
+        second = next(k for k in base.tensors if k.split(".", 1)[0] == first).split(".")[1:2]
+        # A body prefix wraps the model ("model.layers.0"); a container of numbered layers
+        # ("layers.0", "h.0") or of embeddings is already the body of a bare checkpoint.
         if (
             count > len(base.tensors) // 2
-            and first not in OUTPUT_LAYERS
-            and "." in next(k for k in base.tensors if k.startswith(first))
+            and first not in OUTPUT_LAYERS | CONTAINERS
+            and second
+            and not second[0].isdigit()
         ):
             return first
     return None
@@ -391,7 +495,8 @@ def _tie_output_embedding(analysis: Analysis) -> bool:
     """Whether lm_head shares the input embedding; if so, map lm_head.weight onto it."""
     config = analysis.base.config
     explicit = config.get("tie_word_embeddings")
-    architectures = config.get("architectures") or []
+    architectures = config.get("architectures")
+    architectures = architectures if isinstance(architectures, list) else []
     lm_model = any(
         isinstance(a, str) and (a.endswith("ForCausalLM") or a.endswith("LMHeadModel"))
         for a in architectures
@@ -451,25 +556,43 @@ def _check_config(a: Analysis) -> None:
         a.add(
             "quantized_base",
             "warning",
-            f"the base is quantized ({method}); LoRA loads on it, but merging into quantized "
-            "weights loses precision",
+            f"the base is quantized ({method}): LoRA loads on it, but its packed weights do not "
+            "show the layers' shapes (not checked), and merging into them loses precision",
             fix="merge into the original bf16/fp16 base instead",
         )
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict):
-            a.add("invalid_pattern", "error", f"{key} must map module patterns to numbers")
-            continue
-        for pattern_key in pattern:
+    for key in ("rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"):
+        value = config.get(key)
+        patterns = (
+            list(value) if isinstance(value, dict) else [value] if isinstance(value, str) else []
+        )
+        for pattern in patterns:
             try:
-                re.compile(pattern_key)
+                re.compile(pattern)
             except re.error as exc:
                 a.add(
                     "invalid_pattern",
                     "error",
-                    f"{key} key {pattern_key!r} is not a valid regular expression ({exc})",
+                    f"{key} {pattern!r} is not a valid regular expression ({exc})",
                     fix="fix adapter_config.json",
                 )
+    # Combinations LoraConfig itself refuses when PEFT loads the adapter.
+    refused = []
+    if config.get("lora_bias") and config.get("use_dora"):
+        refused.append("lora_bias together with use_dora")
+    if config.get("lora_bias") and not isinstance(config.get("init_lora_weights", True), bool):
+        refused.append(f"lora_bias with init_lora_weights={config['init_lora_weights']!r}")
+    layered = config.get("layers_to_transform") not in (None, []) or config.get("layers_pattern")
+    if layered and isinstance(config.get("target_modules"), str):
+        refused.append("layers_to_transform / layers_pattern with a regex target_modules")
+    if config.get("layers_pattern") and config.get("layers_to_transform") in (None, []):
+        refused.append("layers_pattern without layers_to_transform")
+    for what in refused:
+        a.add(
+            "invalid_config",
+            "error",
+            f"adapter_config.json combines {what}, which PEFT refuses",
+            fix="fix adapter_config.json",
+        )
 
 
 def _check_base_identity(
@@ -561,15 +684,13 @@ def _read_keys(a: Analysis, tensors: Mapping[str, TensorLike]) -> None:
             a.replaced[rest] = shape
         else:
             unrecognised.append((key, _unrecognised_hint(rest)))
-    for key, hint in unrecognised[:20]:
+    for key, hint in unrecognised:
         a.add(
             "unrecognised_key",
             "error",
             f"tensor {key} is not part of a PEFT LoRA adapter; PEFT would ignore it ({hint})",
             fix="re-save the adapter with PEFT's save_pretrained",
         )
-    if len(unrecognised) > 20:
-        a.add("unrecognised_key", "error", f"... and {len(unrecognised) - 20} more such tensors")
     for parts in a.lora.values():
         for half in (parts.a, parts.b):
             if half and half[2] not in FLOAT_DTYPES:
@@ -647,7 +768,7 @@ def _replication_map(a: Analysis) -> Callable[[str], str]:
 
 def _locate(a: Analysis, module: str) -> tuple[str | None, list[str]]:
     """The serving name whose weight backs `module`, or None and the checkpoint keys tried."""
-    if f"{module}.weight" in a.serving:
+    if f"{module}.weight" in a.serving or f"{module}.qweight" in a.serving:
         return module, []
     tried = [f"{module}.weight"]
     if "." in module:
@@ -718,7 +839,11 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
         variants.append("lora_bias")
 
     located, tried = _locate(a, replication(module))
-    base_key = a.serving.get(f"{located}.weight") if located else None
+    base_key = (
+        a.serving.get(f"{located}.weight") or a.serving.get(f"{located}.qweight")
+        if located
+        else None
+    )
     base = a.base.tensors[base_key] if base_key else None
     leaf = module.rsplit(".", 1)[-1]
     if parts.embedding:
@@ -780,6 +905,8 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
     if base is None:
         _not_found(a, module, tried, "module")
         return
+    if a.quantized:
+        return  # packed weights: their stored shapes are not the layer's (quantized_base)
     w = base.shape
     if len(w) != 2:
         a.add(
@@ -891,6 +1018,15 @@ def _check_tokens(a: Analysis) -> None:
             _not_found(a, module, tried, "trainable-token module")
             continue
         weight = a.base.tensors[a.serving[f"{located}.weight"]].shape
+        if len(weight) != 2:
+            a.add(
+                "shape_mismatch",
+                "error",
+                f"{module}: trainable tokens need an embedding, the base weight is {weight}",
+                fix="set trainable_token_indices for the embedding layer",
+                module=module,
+            )
+            continue
         indices: Any = indices_config
         if isinstance(indices_config, dict):
             leaf = module.rsplit(".", 1)[-1]
@@ -925,6 +1061,17 @@ def _check_coverage(a: Analysis, replication: Callable[[str], str]) -> None:
         if key is None:
             if located is not None:
                 _missing_base_part(a, name, module, part)
+            elif name in a.saved_modules and module.rsplit(".", 1)[-1] in OUTPUT_LAYERS:
+                a.add(
+                    "new_head",
+                    "warning",
+                    f"{name} {shape} is a head trained with the adapter (modules_to_save) that "
+                    "the base checkpoint does not have; the task model creates it and PEFT "
+                    "loads it",
+                    fix=f"load the base with the head for task {a.config.get('task_type')}"
+                    + (f" and num_labels={shape[0]}" if shape else ""),
+                    module=module,
+                )
             else:
                 _not_found(a, module, tried, "replaced module")
             continue
@@ -956,12 +1103,68 @@ def _check_coverage(a: Analysis, replication: Callable[[str], str]) -> None:
 
     if a.config.get("layer_replication"):
         return  # the replicated model has modules the base signature cannot list
-    targeted = _targeted_modules(a)
-    if targeted is None:
+    _check_saved_modules(a)
+    _check_targets(a)
+
+
+def _check_saved_modules(a: Analysis) -> None:
+    """modules_to_save and trainable tokens the config names must be in the file: PEFT raises
+    KeyError for a missing one."""
+    saved_modules = {name.rpartition(".")[0] for name in a.saved_modules}
+    for entry in a.config.get("modules_to_save") or []:
+        in_base = [
+            m for m, wrappable in _all_modules(a).items() if wrappable and _ends_with(m, entry)
+        ]
+        if in_base and not any(_ends_with(m, entry) for m in saved_modules):
+            a.add(
+                "missing_lora_tensors",
+                "error",
+                f"modules_to_save names {entry!r} ({in_base[0]}) but the file has no tensors for "
+                "it; PEFT would fail to load it",
+                fix="the file is incomplete: save the adapter again",
+                module=in_base[0],
+            )
+    if a.config.get("trainable_token_indices") and not a.tokens:
+        a.add(
+            "missing_lora_tensors",
+            "error",
+            "trainable_token_indices is set but the file has no trainable_tokens_delta; PEFT "
+            "would fail to load it",
+            fix="the file is incomplete: save the adapter again",
+        )
+
+
+def _check_targets(a: Analysis) -> None:
+    """Config targets and file tensors must name the same modules, all of them LoRA-able."""
+    target = a.config.get("target_modules")
+    if target is None:
         return
+    modules = _all_modules(a)
+    all_linear = isinstance(target, str) and target.lower() == "all-linear"
+    try:
+        selected = {m for m in modules if _peft_selects(a.config, m, all_linear)}
+    except re.error:
+        return  # reported as invalid_pattern
+    if all_linear:
+        selected = {
+            m
+            for m in selected
+            if modules[m] and m.rsplit(".", 1)[-1] not in EMBEDDING_LEAVES | OUTPUT_LAYERS
+        }
+    unsupported = sorted(m for m in selected if not modules[m])
+    if unsupported:
+        a.add(
+            "unsupported_target",
+            "error",
+            f"target_modules selects {len(unsupported)} module(s) without a 2-D weight, e.g. "
+            f"{', '.join(unsupported[:3])}; PEFT refuses to put LoRA on them",
+            fix="target Linear, Conv1D or Embedding layers only (e.g. q_proj, v_proj)",
+            module=unsupported[0],
+        )
+    targeted = selected - set(unsupported)
     found = {module for module in a.lora if _locate(a, module)[0] is not None}
     missing = sorted(targeted - found)
-    if missing and (a.lora or not a.tokens):
+    if missing:
         a.add(
             "missing_lora_tensors",
             "error",
@@ -970,7 +1173,7 @@ def _check_coverage(a: Analysis, replication: Callable[[str], str]) -> None:
             fix="the file is incomplete or target_modules was edited: save the adapter again",
             module=missing[0],
         )
-    untargeted = sorted(m for m in found if m not in targeted)
+    untargeted = sorted(found - targeted)
     if untargeted:
         a.add(
             "untargeted_module",
@@ -988,19 +1191,19 @@ def _check_coverage(a: Analysis, replication: Callable[[str], str]) -> None:
             "loaded, it would silently serve the base model unchanged",
             fix="check the base model and the key names (see the module errors)",
         )
-    target = a.config.get("target_modules")
     if isinstance(target, list):
-        names = _candidate_modules(a, linear_only=False)
         for entry in target:
-            if isinstance(entry, str) and not any(
-                m == entry or m.endswith("." + entry) for m in names
-            ):
+            if not any(_ends_with(m, entry) for m in modules):
                 a.add(
                     "target_module_unmatched",
                     "warning",
                     f"target_modules entry {entry!r} matches no module of the base",
                     fix="remove it, or check that this is the base the adapter was trained on",
                 )
+
+
+def _ends_with(module: str, name: str) -> bool:
+    return module == name or module.endswith("." + name)
 
 
 def _missing_base_part(a: Analysis, name: str, module: str, part: str) -> None:
@@ -1013,57 +1216,40 @@ def _missing_base_part(a: Analysis, name: str, module: str, part: str) -> None:
     )
 
 
-def _candidate_modules(a: Analysis, *, linear_only: bool) -> set[str]:
-    """Modules PEFT could wrap: those with a 2-D weight (all-linear: no embeddings, no head)."""
-    names = set()
+def _all_modules(a: Analysis) -> dict[str, bool]:
+    """Every module path of the loaded model (containers too) -> whether PEFT can give it a LoRA
+    layer (it has a 2-D weight: Linear, Conv1D, Embedding)."""
+    modules: dict[str, bool] = {}
     for serving_name, key in a.serving.items():
-        if not serving_name.endswith(".weight") or len(a.base.tensors[key].shape) != 2:
-            continue
-        module = serving_name[: -len(".weight")]
-        leaf = module.rsplit(".", 1)[-1]
-        if linear_only and (leaf in EMBEDDING_LEAVES or leaf in OUTPUT_LAYERS):
-            continue
-        names.add(module)
-    return names
+        parts = serving_name.split(".")
+        for end in range(1, len(parts)):
+            modules.setdefault(".".join(parts[:end]), False)
+        if parts[-1] in ("weight", "qweight") and len(a.base.tensors[key].shape) == 2:
+            modules[".".join(parts[:-1])] = True
+    return modules
 
 
-def _targeted_modules(a: Analysis) -> set[str] | None:
-    """The base modules PEFT would give a LoRA layer, per check_target_module_exists."""
-    config = a.config
-    target = config.get("target_modules")
-    if target is None:
-        return None
-    all_linear = isinstance(target, str) and target.lower() == "all-linear"
-    candidates = _candidate_modules(a, linear_only=all_linear)
+def _peft_selects(config: Mapping[str, Any], name: str, all_linear: bool) -> bool:
+    """PEFT 0.21's check_target_module_exists for one module name (all-linear: every module,
+    narrowed to linear layers by the caller)."""
     exclude = config.get("exclude_modules")
-    to_save = [m for m in config.get("modules_to_save") or [] if isinstance(m, str)]
+    if isinstance(exclude, str):
+        if re.fullmatch(exclude, name):
+            return False
+    elif exclude and any(_ends_with(name, e) for e in exclude):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or []):
+        return False
+    target = config["target_modules"]
+    if isinstance(target, str):
+        return all_linear or re.fullmatch(target, name) is not None
+    if name in target:
+        return True  # exact names skip the layer filter
+    hit = any(name.endswith("." + t) for t in target)
     layers = config.get("layers_to_transform")
-    pattern = config.get("layers_pattern")
-    targeted = set()
-    for name in candidates:
-        try:
-            if isinstance(exclude, str) and re.fullmatch(exclude, name):
-                continue
-            if isinstance(exclude, list) and any(
-                name == e or name.endswith("." + e) for e in exclude
-            ):
-                continue
-            if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in to_save):
-                continue
-            if all_linear:
-                hit = True
-            elif isinstance(target, str):
-                hit = re.fullmatch(target, name) is not None
-            else:
-                hit = name in target or any(name.endswith("." + t) for t in target)
-                if hit and layers not in (None, []):
-                    hit = _layer_selected(name, layers, pattern)
-        except re.error:
-            a.add("invalid_pattern", "error", "target_modules/exclude_modules is not a valid regex")
-            return None
-        if hit:
-            targeted.add(name)
-    return targeted
+    if hit and layers not in (None, []):
+        hit = _layer_selected(name, layers, config.get("layers_pattern"))
+    return hit
 
 
 def _layer_selected(name: str, layers: Any, pattern: Any) -> bool:

@@ -257,7 +257,7 @@ def _convert(profile: str, key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             return int(value)
     raise InvalidProfile(
         f"profile {profile}: option {key}={value!r} must be a {type(default).__name__}",

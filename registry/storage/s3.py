@@ -397,6 +397,8 @@ class S3Folder:
     """Read-only view of the objects under `s3://bucket/prefix/` (a base checkpoint), for
     listing and ranged reads; counts the bytes it reads."""
 
+    max_objects = 10_000
+
     def __init__(self, url: str) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
@@ -420,6 +422,11 @@ class S3Folder:
             for page in pages:
                 for item in page.get("Contents", []):
                     found[item["Key"][len(start) :]] = int(item["Size"])
+                if len(found) > self.max_objects:
+                    raise InvalidBase(
+                        f"{self.url} holds more than {self.max_objects} objects; point --from at "
+                        "the folder of one checkpoint"
+                    )
         if not found:
             raise InvalidBase(f"{self.url} holds no objects; upload the checkpoint there first")
         return found
