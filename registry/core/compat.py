@@ -297,17 +297,16 @@ def _collapse(findings: list[Finding], keep: int = MAX_PER_CODE) -> list[Finding
         rest = group[keep:]
         if rest:
             modules = [f.module for f in rest if f.module]
+            where = f" ({', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''})"
+            fix = group[0].fix
             kept.append(
                 Finding(
                     code=code,
                     severity=severity,
                     message=f"... and {len(rest)} more {code} finding(s)"
-                    + (
-                        f" ({', '.join(modules[:3])}{', ...' if len(modules) > 3 else ''})"
-                        if modules
-                        else ""
-                    ),
-                    fix=group[0].fix,
+                    + (where if modules else "")
+                    + (f"; {fix}" if fix else ""),
+                    fix=fix,
                 )
             )
     return kept
@@ -530,6 +529,7 @@ def _check_config(a: Analysis) -> None:
             "warning",
             "activated LoRA (alora_invocation_tokens) applies only after its invocation tokens; "
             "it cannot be merged and few serving engines support it",
+            fix="serve it unmerged with PEFT",
         )
     if config.get("layer_replication"):
         a.add(
@@ -537,6 +537,7 @@ def _check_config(a: Analysis) -> None:
             "warning",
             "layer_replication builds extra layers from copies of the base's layers at load time; "
             "it cannot be merged into the base",
+            fix="serve it unmerged with PEFT",
         )
     if config.get("target_parameters"):
         a.add(
@@ -647,8 +648,8 @@ _NAMED_ADAPTER = re.compile(r".+\.(lora_A|lora_B|lora_embedding_A|lora_embedding
 
 def _read_keys(a: Analysis, tensors: Mapping[str, TensorLike]) -> None:
     modules_to_save = [m for m in a.config.get("modules_to_save") or [] if isinstance(m, str)]
-    bias_mode = a.config.get("bias") or "none"
     unrecognised: list[tuple[str, str]] = []
+    whole: list[tuple[str, str, list[int]]] = []
     for key in sorted(tensors):
         info = tensors[key]
         shape, dtype = [int(d) for d in info.shape], info.dtype
@@ -669,21 +670,25 @@ def _read_keys(a: Analysis, tensors: Mapping[str, TensorLike]) -> None:
                 parts.bias = shape
             else:
                 parts.magnitude = shape
-        elif (
-            kind == "base_layer"
-            or _is_saved_module(rest, modules_to_save)
-            or _is_embedding_copy(a, rest)
-        ):
+        elif kind == "base_layer" or _is_saved_module(rest, modules_to_save):
             name = rest.replace(".base_layer.", ".")
             a.replaced[name] = shape
             if kind != "base_layer":
                 a.saved_modules.add(name)
         elif kind == "tokens":
             a.tokens[module] = shape
-        elif bias_mode != "none" and rest.endswith(".bias"):
-            a.replaced[rest] = shape
+        elif rest in a.serving:
+            whole.append((key, rest, shape))
         else:
             unrecognised.append((key, _unrecognised_hint(rest)))
+    # PEFT loads every other key naming a model parameter (load_state_dict(strict=False)):
+    # bias="all", whole embeddings (save_embedding_layers), any base tensor. Except on a module
+    # it wrapped with LoRA, whose own weight has become base_layer.weight.
+    for key, rest, shape in whole:
+        if rest.rpartition(".")[0] in a.lora:
+            unrecognised.append((key, "a LoRA module's own weight is saved as base_layer.weight"))
+        else:
+            a.replaced[rest] = shape
     for key, hint in unrecognised:
         a.add(
             "unrecognised_key",
@@ -715,13 +720,6 @@ def _classify(rest: str) -> tuple[str | None, str]:
 def _is_saved_module(rest: str, modules_to_save: list[str]) -> bool:
     module = rest.rsplit(".", 1)[0]
     return any(module == m or module.endswith("." + m) for m in modules_to_save)
-
-
-def _is_embedding_copy(a: Analysis, rest: str) -> bool:
-    """PEFT's save_embedding_layers writes the input and output embeddings whole (targeted, or
-    resized vocabulary): `model.embed_tokens.weight`, `lm_head.weight`."""
-    module, _, part = rest.rpartition(".")
-    return part == "weight" and (module == a.input_embedding or module == "lm_head")
 
 
 def _unrecognised_hint(rest: str) -> str:
@@ -913,6 +911,7 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
             "shape_mismatch",
             "error",
             f"{module}: base tensor {base_key} has shape {w}; LoRA here needs a 2-D weight",
+            fix="target Linear, Conv1D or Embedding layers only",
             module=module,
         )
         return
@@ -973,6 +972,7 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
                 "error",
                 f"{module}: DoRA magnitude {parts.magnitude} does not fit base {w} "
                 f"(expected {want_m})",
+                fix="the adapter was trained on a base of another size or architecture",
                 module=module,
             )
     elif parts.magnitude is not None:
@@ -989,6 +989,7 @@ def _check_module(a: Analysis, parts: LoraParts, replication: Callable[[str], st
                 "shape_mismatch",
                 "error",
                 f"{module}: lora_B.bias {parts.bias} does not fit {out_features} outputs",
+                fix="the adapter was trained on a base of another size or architecture",
                 module=module,
             )
         if not config.get("lora_bias"):
@@ -1038,6 +1039,7 @@ def _check_tokens(a: Analysis) -> None:
                 "error",
                 f"{module}: trainable_tokens_delta {shape} does not fit {count} token(s) of an "
                 f"embedding of width {weight[1]}",
+                fix="the adapter was trained on a base of another size or architecture",
                 module=module,
             )
         if isinstance(indices, list) and any(
@@ -1173,15 +1175,14 @@ def _check_targets(a: Analysis) -> None:
             fix="the file is incomplete or target_modules was edited: save the adapter again",
             module=missing[0],
         )
-    untargeted = sorted(found - targeted)
-    if untargeted:
+    for module in sorted(found - targeted):
         a.add(
             "untargeted_module",
             "error",
-            f"{len(untargeted)} module(s) have LoRA tensors but target_modules does not select "
-            f"them, e.g. {', '.join(untargeted[:3])}; PEFT would ignore their weights",
+            f"{module} has LoRA tensors but target_modules does not select it; PEFT would "
+            "ignore its weights",
             fix="fix target_modules in adapter_config.json",
-            module=untargeted[0],
+            module=module,
         )
     if a.lora and not found:
         a.add(

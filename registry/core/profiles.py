@@ -135,17 +135,21 @@ def _vllm_modules(a: Analysis, options: Mapping[str, Any]) -> None:
             "warning",
             f"the vllm profile has no module list for model_type {model_type!r}; module "
             "support was not checked",
+            fix="compare the adapter's modules with packed_modules_mapping and "
+            "embedding_modules in vLLM's model file for this architecture",
         )
     else:
-        for leaf in sorted({row.module.rsplit(".", 1)[-1] for row in a.rows} - supported):
-            a.add(
-                "vllm_unsupported_module",
-                "error",
-                f"vLLM's {model_type} does not support LoRA on {leaf}",
-                fix=f"retrain without {leaf} (supported: {', '.join(sorted(supported))}), or "
-                "merge first",
-                module=leaf,
-            )
+        for row in a.rows:
+            leaf = row.module.rsplit(".", 1)[-1]
+            if leaf not in supported:
+                a.add(
+                    "vllm_unsupported_module",
+                    "error",
+                    f"{row.module}: vLLM's {model_type} does not support LoRA on {leaf}",
+                    fix=f"retrain without {leaf} (supported: {', '.join(sorted(supported))}), "
+                    "or merge first",
+                    module=row.module,
+                )
     vocab = a.vocab_rows
     for row in a.rows:
         if row.kind == "embedding" and vocab is not None and row.lora_a[-1] != vocab:
