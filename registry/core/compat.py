@@ -192,7 +192,8 @@ class Analysis:
     @property
     def vocab_rows(self) -> int | None:
         key = self.serving.get(f"{self.input_embedding}.weight") if self.input_embedding else None
-        return self.base.tensors[key].shape[0] if key else None
+        shape = self.base.tensors[key].shape if key else []
+        return shape[0] if len(shape) == 2 else None
 
     @property
     def input_embedding(self) -> str | None:

@@ -133,3 +133,37 @@ def test_bad_profiles_and_options_are_invalid_profile(
 ) -> None:
     with pytest.raises(InvalidProfile):
         bind(profile, options)
+
+
+@pytest.mark.parametrize("shape", [[], [64], [64, 64, 1], [0, 0]])
+@pytest.mark.parametrize(
+    "name",
+    ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"],
+)
+@pytest.mark.parametrize("profile", [None, *PROFILES])
+def test_odd_base_tensor_shapes_are_reported_not_raised(
+    name: str, shape: list[int], profile: str | None
+) -> None:
+    signature = base()
+    signature.tensors[name] = BaseTensor(dtype="F32", shape=shape)
+    bound, options = bind(profile)
+    embedding = {
+        f"base_model.model.model.embed_tokens.{part}": TensorInfo("F32", dims, 0, 0)
+        for part, dims in (("lora_embedding_A", (4, 256)), ("lora_embedding_B", (64, 4)))
+    }
+    config = {
+        **CONFIG,
+        "target_modules": ["q_proj", "embed_tokens"],
+        "trainable_token_indices": [1],
+    }
+    tokens = {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": TensorInfo(
+            "F32", (1, 64), 0, 0
+        )
+    }
+    report = check_compatibility(
+        config, {**ADAPTER, **embedding, **tokens}, signature, profile=bound, options=options
+    )
+    report.model_dump_json()
+    if shape != [] and name != "lm_head.weight":
+        assert not report.compatible
