@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from registry.core.compat import CompatReport
 from registry.core.errors import (
     ChecksumMismatch,
     InvalidInput,
+    InvalidReference,
     OutputNotEmpty,
     RegistryError,
     Unavailable,
@@ -53,6 +55,9 @@ from registry.core.schemas import (
     MAX_LABEL_VALUE,
     MAX_LINEAGE_VALUE,
     AdapterOut,
+    AliasMoveOut,
+    AliasOut,
+    AuditEventOut,
     BaseOut,
     CompletedPart,
     Page,
@@ -383,6 +388,65 @@ class Registry:
         )
         return LocalCheck(report, adapter_read, read)
 
+    # --- aliases and audit -----------------------------------------------------------------------
+
+    def set_alias(self, ref: str, alias: str) -> AliasOut:
+        """Point `alias` of the adapter at the version `ref` names (`ns/name@7`, `@sha256:...`)."""
+        parsed = parse_reference(ref)
+        path = f"/api/v1/adapters/{parsed.name}/aliases/{alias}"
+        body = {"version": str(parsed.selector)}
+        return AliasOut.model_validate(self._json("PUT", path, json=body))
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        self._request("DELETE", f"/api/v1/adapters/{parse_name(name)}/aliases/{alias}")
+
+    def aliases(self, name: str) -> Sequence[AliasOut]:
+        data = self._json("GET", f"/api/v1/adapters/{parse_name(name)}/aliases")
+        return [AliasOut.model_validate(item) for item in data]
+
+    def resolve(self, ref: str, *, at: datetime | None = None) -> AliasOut:
+        """Where `ns/name@alias` points now, or pointed at time `at`."""
+        parsed = parse_reference(ref)
+        if parsed.selector.kind != "alias":
+            raise InvalidReference(f"{ref} names no alias: use ns/name@alias")
+        params = {"at": at.isoformat()} if at else {}
+        path = f"/api/v1/adapters/{parsed.name}/aliases/{parsed.selector.value}"
+        return AliasOut.model_validate(self._json("GET", path, params=params))
+
+    def history(
+        self, name: str, *, alias: str | None = None, limit: int = 50, offset: int = 0
+    ) -> Page[AliasMoveOut]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if alias:
+            params["alias"] = alias
+        data = self._json("GET", f"/api/v1/adapters/{parse_name(name)}/history", params=params)
+        return Page[AliasMoveOut].model_validate(data)
+
+    def who_runs(self, alias: str, *, limit: int = 100, offset: int = 0) -> Page[AliasOut]:
+        params = {"limit": limit, "offset": offset}
+        data = self._json("GET", f"/api/v1/aliases/{alias}", params=params)
+        return Page[AliasOut].model_validate(data)
+
+    def audit(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        subject: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page[AuditEventOut]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        for key, value in (("since", since), ("until", until)):
+            if value is not None:
+                params[key] = value.isoformat()
+        for key, text in (("actor", actor), ("action", action), ("subject", subject)):
+            if text:
+                params[key] = text
+        return Page[AuditEventOut].model_validate(self._json("GET", "/api/v1/audit", params=params))
+
     # --- push ----------------------------------------------------------------------------------
 
     def push(
@@ -397,6 +461,7 @@ class Registry:
         description: str | None = None,
         exclude: tuple[str, ...] = (),
         require_compatible: bool = False,
+        alias: str | None = None,
         progress: Progress | None = None,
     ) -> PushResult:
         """Push an adapter folder as a new version of `name` (or return the identical one).
@@ -431,6 +496,7 @@ class Registry:
             "lineage": lineage,
             "description": description,
             "require_compatible": require_compatible,
+            "alias": alias,
         }
         version = VersionOut.model_validate(
             self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)

@@ -110,6 +110,9 @@ def push(
     exclude: Annotated[
         list[str], typer.Option(help="Glob of files to leave out (repeatable).")
     ] = [],  # noqa: B006
+    alias: Annotated[
+        str | None, typer.Option(help="Point this alias (e.g. staging) at the pushed version.")
+    ] = None,
     require_compatible: Annotated[
         bool,
         typer.Option(
@@ -132,6 +135,7 @@ def push(
             description=description,
             exclude=tuple(exclude),
             require_compatible=require_compatible,
+            alias=alias,
             progress=progress(),
         )
     if as_json:
@@ -310,8 +314,13 @@ def versions(
 
 
 def _register_commands() -> None:
+    from cli.alias_commands import alias_app, audit, history, resolve, who_runs
     from cli.server_commands import db_app, server
 
+    app.add_typer(alias_app, name="alias")
+    for command in (history, resolve, audit):
+        app.command()(command)
+    app.command("who-runs")(who_runs)
     app.command()(check)
     app.add_typer(base_app, name="base")
     app.command()(server)

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import __version__
 from registry.adapters.api import router as adapters_router
+from registry.aliases.api import router as aliases_router
 from registry.bases.api import router as bases_router
 from registry.blobs.api import router as blobs_router
 from registry.core.errors import DatabaseUnavailable, RegistryError
@@ -95,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(adapters_router)
     app.include_router(blobs_router)
     app.include_router(bases_router)
+    app.include_router(aliases_router)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -164,3 +164,35 @@ class BaseModelFile(SQLModel, table=True):
     path: str = Field(primary_key=True, max_length=255)
     size: int = Field(sa_type=sa.BigInteger)
     sha256: str = Field(foreign_key="blobs.sha256", max_length=64, index=True)
+
+
+class Alias(SQLModel, table=True):
+    """A movable name (`production`, `staging`) for one version of an adapter."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (sa.UniqueConstraint("adapter_id", "name", name="uq_aliases_adapter_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapters.id", index=True)
+    name: str = Field(max_length=64, index=True)
+    version_id: int = Field(foreign_key="adapter_versions.id")
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    updated_by: str | None = Field(default=None, max_length=200)
+
+
+class AliasMove(SQLModel, table=True):
+    """Append-only history of alias moves: what an alias pointed at, from when, set by whom.
+
+    `version_number` is None for a removal; `previous_number` is None for a first set.
+    """
+
+    __tablename__ = "alias_moves"
+    __table_args__ = (sa.Index("ix_alias_moves_adapter_name_at", "adapter_id", "name", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_id: int = Field(foreign_key="adapters.id")
+    name: str = Field(max_length=64)
+    previous_number: int | None = None
+    version_number: int | None = None
+    at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    actor: str | None = Field(default=None, max_length=200)

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.aliases import service as aliases
 from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
@@ -128,6 +129,8 @@ def commit_version(
     labels = check_strings("label", request.labels, MAX_LABEL_VALUE)
     lineage = check_strings("lineage", request.lineage, MAX_LINEAGE_VALUE)
     base = parse_base(request.base) if request.base else None
+    if request.alias:
+        aliases.check_alias(request.alias)
 
     # Storage reads first, so no database lock is held while they run. What they read only
     # counts once adopt_stored has verified every blob below.
@@ -155,6 +158,8 @@ def commit_version(
         )
     ).first()
     if existing is not None:
+        if request.alias:
+            aliases.set_alias(session, adapter, existing, request.alias, actor)
         return version_out(session, name, existing, with_files=True, created=False)
 
     latest = session.execute(
@@ -211,6 +216,8 @@ def commit_version(
         )
     )
     session.flush()
+    if request.alias:
+        aliases.set_alias(session, adapter, version, request.alias, actor)
     return version_out(session, name, version, with_files=True, created=True)
 
 
@@ -368,11 +375,15 @@ def resolve(session: Session, ref: Reference) -> AdapterVersion:
     elif selector.kind == "digest":
         query = query.where(AdapterVersion.digest == selector.value)
     else:
-        raise AliasNotFound(
-            f"{ref.name} has no alias {selector.value!r}",
-            adapter=str(ref.name),
-            alias=selector.value,
-        )
+        assert adapter.id is not None
+        aliased = aliases.alias_version(session, adapter.id, selector.value)
+        if aliased is None:
+            raise AliasNotFound(
+                f"{ref.name} has no alias {selector.value!r} (see lora-reg alias ls {ref.name})",
+                adapter=str(ref.name),
+                alias=selector.value,
+            )
+        return aliased
     version = session.exec(query).first()
     if version is None:
         what = "no versions yet" if selector.kind == "latest" else f"no version {selector}"

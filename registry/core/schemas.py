@@ -168,6 +168,7 @@ class CommitRequest(BaseModel):
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
     # Refuse the push unless the version is proven compatible with its registered base.
     require_compatible: bool = False
+    alias: str | None = None  # point this alias at the pushed version
 
 
 class VersionFileOut(BaseModel):
@@ -249,6 +250,37 @@ class BaseOut(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.id}@{self.revision}" if self.revision else self.id
+
+
+class AliasSetRequest(BaseModel):
+    version: str  # a number, sha256:<hex>, or another alias
+
+
+class AliasOut(BaseModel):
+    adapter: str
+    alias: str
+    version: int
+    digest: str
+    since: datetime
+    by: str | None
+
+
+class AliasMoveOut(BaseModel):
+    adapter: str
+    alias: str
+    previous: int | None  # None: first set
+    version: int | None  # None: removed
+    at: datetime
+    actor: str | None
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str | None
+    action: str
+    subject: str
+    details: dict[str, Any]
 
 
 class CheckRequest(BaseModel):

@@ -1,0 +1,190 @@
+"""`lora-reg alias ...`, `history`, `resolve`, `who-runs`, `audit`: who runs what, since when.
+
+Thin: flags in, `cli.client.Registry` calls, tables or `--json` out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.console import JsonOpt, emit_json, out, page_footer, registry, when
+from registry.core.errors import InvalidInput
+from registry.core.schemas import AliasOut
+
+alias_app = typer.Typer(
+    help="Aliases (production, staging...): set, remove, list.", no_args_is_help=True
+)
+
+
+def _timestamp(text: str | None, flag: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"{flag} {text!r}: use an ISO 8601 time such as 2026-11-20T10:00Z"
+        ) from None
+
+
+def _alias_table(items: list[AliasOut]) -> Table:
+    table = Table("adapter", "alias", "version", "digest", "since", "by")
+    for item in items:
+        table.add_row(
+            item.adapter,
+            item.alias,
+            f"@{item.version}",
+            item.digest[:19],
+            when(item.since),
+            item.by or "-",
+        )
+    return table
+
+
+@alias_app.command("set")
+def set_alias(
+    ref: Annotated[
+        str, typer.Argument(help="The version: ns/name@7, ns/name@sha256:..., ns/name.")
+    ],
+    alias: Annotated[str, typer.Argument(help="Alias name, e.g. production.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Point an alias at a version (recorded in its history and the audit log)."""
+    with registry() as client:
+        result = client.set_alias(ref, alias)
+    if as_json:
+        emit_json(result)
+        return
+    out.print(f"{result.adapter}@{result.alias} -> @{result.version} {result.digest}")
+
+
+@alias_app.command("rm")
+def remove_alias(
+    name: Annotated[str, typer.Argument(help="ns/name")],
+    alias: Annotated[str, typer.Argument(help="Alias name.")],
+) -> None:
+    """Remove an alias (the removal stays in its history)."""
+    with registry() as client:
+        client.remove_alias(name, alias)
+    out.print(f"removed {name}@{alias}")
+
+
+@alias_app.command("ls")
+def list_aliases(
+    name: Annotated[str, typer.Argument(help="ns/name")],
+    as_json: JsonOpt = False,
+) -> None:
+    """List an adapter's aliases."""
+    with registry() as client:
+        items = list(client.aliases(name))
+    if as_json:
+        emit_json([item.model_dump(mode="json") for item in items])
+        return
+    out.print(_alias_table(items))
+
+
+def history(
+    name: Annotated[str, typer.Argument(help="ns/name")],
+    alias: Annotated[str | None, typer.Option(help="Only this alias.")] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every alias move of an adapter, newest first: time, actor, previous and new version."""
+    with registry() as client:
+        page = client.history(name, alias=alias, limit=limit, offset=offset)
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("at", "alias", "from", "to", "by")
+    for move in page.items:
+        table.add_row(
+            move.at.isoformat(timespec="seconds"),
+            move.alias,
+            f"@{move.previous}" if move.previous else "-",
+            f"@{move.version}" if move.version else "(removed)",
+            move.actor or "-",
+        )
+    out.print(table)
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+def resolve(
+    ref: Annotated[str, typer.Argument(help="ns/name@alias")],
+    at: Annotated[
+        str | None, typer.Option(help="Point in time (ISO 8601, e.g. 2026-11-20T10:00Z).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which version an alias points at, now or at a point in time."""
+    moment = _timestamp(at, "--at")
+    with registry() as client:
+        result = client.resolve(ref, at=moment)
+    if as_json:
+        emit_json(result)
+        return
+    out.print(
+        f"{result.adapter}@{result.alias} -> @{result.version} {result.digest} "
+        f"(since {result.since.isoformat(timespec='seconds')} by {result.by or '-'})"
+    )
+
+
+def who_runs(
+    alias: Annotated[str, typer.Argument(help="Alias name, e.g. production.")],
+    limit: Annotated[int, typer.Option(help="Page size.")] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every adapter whose alias is set: version, digest, since when, by whom."""
+    with registry() as client:
+        page = client.who_runs(alias, limit=limit, offset=offset)
+    if as_json:
+        emit_json(page)
+        return
+    out.print(_alias_table(page.items))
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+def audit(
+    since: Annotated[str | None, typer.Option(help="From this time (ISO 8601).")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (ISO 8601).")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this actor (token name).")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="Only this action, e.g. version.push, alias.set.")
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="Only subjects starting with this, e.g. team/summarizer.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Page size.")] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The append-only audit log of every mutation, oldest first."""
+    with registry() as client:
+        page = client.audit(
+            since=_timestamp(since, "--since"),
+            until=_timestamp(until, "--until"),
+            actor=actor,
+            action=action,
+            subject=subject,
+            limit=limit,
+            offset=offset,
+        )
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("at", "actor", "action", "subject", "details")
+    for event in page.items:
+        table.add_row(
+            event.at.isoformat(timespec="seconds"),
+            event.actor or "-",
+            event.action,
+            event.subject,
+            " ".join(f"{k}={v}" for k, v in sorted(event.details.items())),
+        )
+    out.print(table)
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)

@@ -1,0 +1,1 @@
+"""Aliases (production, staging...), their history, and the audit log."""

@@ -1,0 +1,129 @@
+"""REST endpoints for aliases, their history and the audit log (routes only: no SQL here).
+
+Under /api/v1/adapters/{ns}/{name}/aliases and /history, plus /api/v1/aliases/{alias}
+(who runs it) and /api/v1/audit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from registry.adapters import service as adapters
+from registry.aliases import service
+from registry.core.names import AdapterName, Reference, check_part, parse_selector
+from registry.core.schemas import (
+    AliasMoveOut,
+    AliasOut,
+    AliasSetRequest,
+    AuditEventOut,
+    Page,
+    make_page,
+)
+from registry.deps import ActorDep, ReadSessionDep, SessionDep
+
+router = APIRouter(prefix="/api/v1", tags=["aliases"])
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _name(namespace: str, name: str) -> AdapterName:
+    return AdapterName(check_part("namespace", namespace), check_part("name", name))
+
+
+@router.get("/adapters/{namespace}/{name}/aliases", response_model=list[AliasOut])
+def list_aliases(session: ReadSessionDep, namespace: str, name: str) -> list[AliasOut]:
+    adapter = adapters.get_adapter_row(session, _name(namespace, name))
+    return service.list_aliases(session, adapter)
+
+
+@router.put("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
+def set_alias(
+    session: SessionDep,
+    actor: ActorDep,
+    namespace: str,
+    name: str,
+    alias: str,
+    request: AliasSetRequest,
+) -> AliasOut:
+    """Point an alias at a version (`version`: a number, `sha256:...` or another alias)."""
+    adapter_name = _name(namespace, name)
+    service.check_alias(alias)
+    adapter = service.lock_adapter(session, adapter_name)
+    version = adapters.resolve(session, Reference(adapter_name, parse_selector(request.version)))
+    return service.set_alias(session, adapter, version, alias, actor)
+
+
+@router.delete(
+    "/adapters/{namespace}/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT
+)
+def remove_alias(
+    session: SessionDep, actor: ActorDep, namespace: str, name: str, alias: str
+) -> Response:
+    adapter = service.lock_adapter(session, _name(namespace, name))
+    service.remove_alias(session, adapter, service.check_alias(alias), actor)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
+def get_alias(
+    session: ReadSessionDep,
+    namespace: str,
+    name: str,
+    alias: str,
+    at: datetime | None = None,
+) -> AliasOut:
+    """Where an alias points now, or (`?at=2026-11-20T10:00Z`) where it pointed then."""
+    adapter = adapters.get_adapter_row(session, _name(namespace, name))
+    if at is not None:
+        return service.resolve_at(session, adapter, alias, at)
+    return service.current_alias(session, adapter, alias)
+
+
+@router.get("/adapters/{namespace}/{name}/history", response_model=Page[AliasMoveOut])
+def history(
+    session: ReadSessionDep,
+    namespace: str,
+    name: str,
+    alias: str | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[AliasMoveOut]:
+    """Every alias move of an adapter, newest first."""
+    adapter = adapters.get_adapter_row(session, _name(namespace, name))
+    return service.history(session, adapter, alias, limit, offset)
+
+
+@router.get("/aliases/{alias}", response_model=Page[AliasOut])
+def who_runs(
+    session: ReadSessionDep, alias: str, limit: Limit = 100, offset: Offset = 0
+) -> Page[AliasOut]:
+    """Every adapter whose `alias` is set: version, digest, since when, by whom."""
+    items = service.list_aliases(session, alias=alias)
+    return make_page(items[offset : offset + limit], len(items), limit, offset)
+
+
+@router.get("/audit", response_model=Page[AuditEventOut])
+def audit(
+    session: ReadSessionDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    subject: str | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Page[AuditEventOut]:
+    """The append-only audit log, oldest first. There is no endpoint that changes it."""
+    return service.audit(
+        session,
+        since=since,
+        until=until,
+        actor=actor,
+        action=action,
+        subject=subject,
+        limit=limit,
+        offset=offset,
+    )

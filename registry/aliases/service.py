@@ -1,0 +1,283 @@
+"""Aliases, their history, and the audit log: who pointed which name at which version, and when.
+
+Called by `registry.aliases.api` and by the adapter service (`push --alias`, resolving
+`ns/name@alias`) inside the request transaction; flushes, never commits. Every move writes the
+alias row, an `alias_moves` row and an audit event in one transaction, with the adapter row
+locked so moves of one adapter are serialised. `alias_moves` and `audit_events` are append-only
+(PostgreSQL triggers refuse UPDATE and DELETE; nothing here issues them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from registry.core.errors import AdapterNotFound, AliasNotFound, InvalidReference
+from registry.core.names import AdapterName, parse_selector
+from registry.core.schemas import AliasMoveOut, AliasOut, AuditEventOut, Page, make_page
+from registry.models import Adapter, AdapterVersion, Alias, AliasMove, AuditEvent, as_utc
+from registry.repository import count, for_update
+
+
+def check_alias(name: str) -> str:
+    """An alias: `[a-z][a-z0-9-]*`, never all digits, never `latest`."""
+    if name == "latest" or parse_selector(name).kind != "alias":
+        raise InvalidReference(
+            f"invalid alias {name!r}: use a lower-case word such as production or staging "
+            "(letters, digits and '-', starting with a letter; not 'latest')",
+            alias=name,
+        )
+    return name
+
+
+def _adapter_label(adapter: Adapter) -> str:
+    return f"{adapter.namespace}/{adapter.name}"
+
+
+def alias_version(session: Session, adapter_id: int, alias: str) -> AdapterVersion | None:
+    """The version an alias points at now (used to resolve `ns/name@alias`)."""
+    statement = (
+        select(AdapterVersion)
+        .join(Alias, col(Alias.version_id) == AdapterVersion.id)
+        .where(Alias.adapter_id == adapter_id, Alias.name == alias)
+    )
+    return session.exec(statement).first()
+
+
+def set_alias(
+    session: Session,
+    adapter: Adapter,
+    version: AdapterVersion,
+    alias: str,
+    actor: str | None,
+) -> AliasOut:
+    """Point `alias` at `version` (the adapter row must be locked by the caller)."""
+    check_alias(alias)
+    assert adapter.id is not None and version.id is not None
+    row = session.exec(
+        select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)
+    ).first()
+    previous = session.get(AdapterVersion, row.version_id) if row else None
+    if row is not None and row.version_id == version.id:
+        return _alias_out(adapter, row, version)
+    now = datetime.now(UTC)
+    if row is None:
+        row = Alias(adapter_id=adapter.id, name=alias, version_id=version.id)
+    row.version_id, row.updated_at, row.updated_by = version.id, now, actor
+    session.add(row)
+    _record(session, adapter, alias, previous, version, actor, now)
+    session.flush()
+    return _alias_out(adapter, row, version)
+
+
+def remove_alias(session: Session, adapter: Adapter, alias: str, actor: str | None) -> None:
+    row = session.exec(
+        select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)
+    ).first()
+    if row is None:
+        raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
+    previous = session.get(AdapterVersion, row.version_id)
+    session.delete(row)
+    _record(session, adapter, alias, previous, None, actor, datetime.now(UTC))
+    session.flush()
+
+
+def _record(
+    session: Session,
+    adapter: Adapter,
+    alias: str,
+    previous: AdapterVersion | None,
+    version: AdapterVersion | None,
+    actor: str | None,
+    at: datetime,
+) -> None:
+    assert adapter.id is not None
+    session.add(
+        AliasMove(
+            adapter_id=adapter.id,
+            name=alias,
+            previous_number=previous.number if previous else None,
+            version_number=version.number if version else None,
+            at=at,
+            actor=actor,
+        )
+    )
+    details: dict[str, Any] = {
+        "alias": alias,
+        "previous": previous.number if previous else None,
+        "version": version.number if version else None,
+    }
+    if version is not None:
+        details["digest"] = version.digest
+    session.add(
+        AuditEvent(
+            at=at,
+            actor=actor,
+            action="alias.set" if version else "alias.remove",
+            subject=f"{_adapter_label(adapter)}@{alias}",
+            details=details,
+        )
+    )
+
+
+def _alias_out(adapter: Adapter, row: Alias, version: AdapterVersion) -> AliasOut:
+    return AliasOut(
+        adapter=_adapter_label(adapter),
+        alias=row.name,
+        version=version.number,
+        digest=version.digest,
+        since=as_utc(row.updated_at),
+        by=row.updated_by,
+    )
+
+
+def list_aliases(
+    session: Session, adapter: Adapter | None = None, alias: str | None = None
+) -> list[AliasOut]:
+    """Aliases set now: of one adapter, or (`who-runs`) every adapter's `alias`."""
+    statement: Any = (
+        select(Alias, Adapter, AdapterVersion)
+        .join(Adapter, col(Adapter.id) == Alias.adapter_id)
+        .join(AdapterVersion, col(AdapterVersion.id) == Alias.version_id)
+    )
+    if adapter is not None:
+        statement = statement.where(Alias.adapter_id == adapter.id)
+    if alias is not None:
+        statement = statement.where(Alias.name == check_alias(alias))
+    rows = session.exec(
+        statement.order_by(col(Adapter.namespace), col(Adapter.name), col(Alias.name))
+    ).all()
+    return [_alias_out(a, row, v) for row, a, v in rows]
+
+
+def current_alias(session: Session, adapter: Adapter, alias: str) -> AliasOut:
+    check_alias(alias)
+    found = [a for a in list_aliases(session, adapter) if a.alias == alias]
+    if not found:
+        raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
+    return found[0]
+
+
+def history(
+    session: Session, adapter: Adapter, alias: str | None, limit: int, offset: int
+) -> Page[AliasMoveOut]:
+    """Every move of the adapter's aliases (or of one), newest first."""
+    query: Any = select(AliasMove).where(AliasMove.adapter_id == adapter.id)
+    if alias:
+        query = query.where(AliasMove.name == check_alias(alias))
+    total = count(session, query)
+    rows = session.exec(
+        query.order_by(col(AliasMove.at).desc(), col(AliasMove.id).desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    label = _adapter_label(adapter)
+    items = [
+        AliasMoveOut(
+            adapter=label,
+            alias=row.name,
+            previous=row.previous_number,
+            version=row.version_number,
+            at=as_utc(row.at),
+            actor=row.actor,
+        )
+        for row in rows
+    ]
+    return make_page(items, total, limit, offset)
+
+
+def resolve_at(session: Session, adapter: Adapter, alias: str, at: datetime) -> AliasOut:
+    """What `alias` pointed at, at time `at`: the last move at or before it."""
+    check_alias(alias)
+    move = session.exec(
+        select(AliasMove)
+        .where(
+            AliasMove.adapter_id == adapter.id,
+            AliasMove.name == alias,
+            col(AliasMove.at) <= _naive_utc(session, at),
+        )
+        .order_by(col(AliasMove.at).desc(), col(AliasMove.id).desc())
+        .limit(1)
+    ).first()
+    label = _adapter_label(adapter)
+    if move is None or move.version_number is None:
+        state = "was not set yet" if move is None else "had been removed"
+        raise AliasNotFound(
+            f"{label}@{alias} {state} at {at.isoformat()} (see lora-reg history {label})",
+            alias=alias,
+        )
+    version = session.exec(
+        select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == move.version_number
+        )
+    ).one()
+    return AliasOut(
+        adapter=label,
+        alias=alias,
+        version=version.number,
+        digest=version.digest,
+        since=as_utc(move.at),
+        by=move.actor,
+    )
+
+
+def _naive_utc(session: Session, at: datetime) -> datetime:
+    """SQLite stores timestamps naive (in UTC): compare like with like."""
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    if session.get_bind().dialect.name == "sqlite":
+        return at.astimezone(UTC).replace(tzinfo=None)
+    return at
+
+
+def lock_adapter(session: Session, name: AdapterName) -> Adapter:
+    statement = select(Adapter).where(
+        Adapter.namespace == name.namespace, Adapter.name == name.name
+    )
+    adapter: Adapter | None = session.exec(for_update(session, statement)).first()
+    if adapter is None:
+        raise AdapterNotFound(f"adapter {name} does not exist (see lora-reg ls)", adapter=str(name))
+    return adapter
+
+
+def audit(
+    session: Session,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    actor: str | None,
+    action: str | None,
+    subject: str | None,
+    limit: int,
+    offset: int,
+) -> Page[AuditEventOut]:
+    """Audit events, oldest first, filtered; `subject` matches a prefix (`team/summarizer`)."""
+    query: Any = select(AuditEvent)
+    if since:
+        query = query.where(col(AuditEvent.at) >= _naive_utc(session, since))
+    if until:
+        query = query.where(col(AuditEvent.at) < _naive_utc(session, until))
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if subject:
+        escaped = subject.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(col(AuditEvent.subject).like(f"{escaped}%", escape="\\"))
+    total = count(session, query)
+    rows = session.exec(
+        query.order_by(col(AuditEvent.at), col(AuditEvent.id)).limit(limit).offset(offset)
+    ).all()
+    items = [
+        AuditEventOut(
+            id=row.id or 0,
+            at=as_utc(row.at),
+            actor=row.actor,
+            action=row.action,
+            subject=row.subject,
+            details=row.details,
+        )
+        for row in rows
+    ]
+    return make_page(items, total, limit, offset)
