@@ -1,19 +1,22 @@
-"""`lora-reg alias ...`, `history`, `resolve`, `who-runs`, `audit`: who runs what, since when.
+"""`lora-reg alias ...`, `history`, `resolve`, `who-runs`, `audit`, `identify`: who runs what,
+since when, and what a folder on disk really is.
 
 Thin: flags in, `cli.client.Registry` calls, tables or `--json` out.
 """
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from cli.console import JsonOpt, emit_json, out, page_footer, registry, when
+from cli.console import JsonOpt, emit_json, out, page_footer, progress, registry, when
 from registry.core.errors import InvalidInput
-from registry.core.schemas import AliasOut
+from registry.core.schemas import AliasOut, IdentifyOut
 
 alias_app = typer.Typer(
     help="Aliases (production, staging...): set, remove, list.", no_args_is_help=True
@@ -188,3 +191,49 @@ def audit(
         )
     out.print(table)
     page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+IDENTIFY_UNMATCHED_EXIT = 9
+
+
+def identify(
+    path: Annotated[Path, typer.Argument(help="An adapter folder, a checkpoint folder or a file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Which registry version a folder or file is (hashes only are sent).
+
+    Exit 0 when it is exactly a version (or a file of one), 9 when it is modified or unknown.
+    """
+    with registry() as client:
+        result = client.identify(path, progress=progress())
+    if as_json:
+        emit_json(result)
+    else:
+        _print_identity(str(path), result)
+    if result.status not in ("exact", "file"):
+        sys.exit(IDENTIFY_UNMATCHED_EXIT)
+
+
+def _print_identity(path: str, result: IdentifyOut) -> None:
+    if result.status == "unknown":
+        out.print(f"{path}: [red]unknown[/red]: no registry version shares a file with it")
+        return
+    for match in result.matches:
+        ref = f"{match.adapter}@{match.version}"
+        aliases = f" (aliases: {', '.join(match.aliases)})" if match.aliases else ""
+        lineage = " ".join(f"{k}={v}" for k, v in sorted(match.lineage.items()))
+        if result.status == "exact":
+            out.print(f"{path}: [green]exactly[/green] {ref} {match.digest}{aliases}")
+        elif result.status == "file":
+            out.print(f"{path}: file {', '.join(match.identical)} of {ref}{aliases}")
+        else:
+            out.print(f"{path}: [yellow]modified[/yellow]: closest {ref}{aliases}")
+            for label, paths in (
+                ("differ", match.differing),
+                ("missing", match.missing),
+                ("not in the version", match.extra),
+            ):
+                if paths:
+                    out.print(f"  {label}: {', '.join(paths)}")
+        if lineage:
+            out.print(f"  lineage: {lineage}")

@@ -60,6 +60,7 @@ from registry.core.schemas import (
     AuditEventOut,
     BaseOut,
     CompletedPart,
+    IdentifyOut,
     Page,
     UploadInstruction,
     UploadPlan,
@@ -446,6 +447,19 @@ class Registry:
             if text:
                 params[key] = text
         return Page[AuditEventOut].model_validate(self._json("GET", "/api/v1/audit", params=params))
+
+    def identify(self, path: str | Path, progress: Progress | None = None) -> IdentifyOut:
+        """Which registry version a folder or a single file is; only hashes are sent."""
+        progress = progress or NoProgress()
+        path = Path(path)
+        if path.is_file():
+            entries = list(self._hash(path.parent, [path], progress))
+        else:
+            entries = list(self._hash(path, collect_files(path), progress))
+        if not entries:
+            raise InvalidInput(f"{path} holds no files")
+        body = {"files": _wire(entries)}
+        return IdentifyOut.model_validate(self._json("POST", "/api/v1/identify", json=body))
 
     # --- push ----------------------------------------------------------------------------------
 

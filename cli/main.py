@@ -314,11 +314,11 @@ def versions(
 
 
 def _register_commands() -> None:
-    from cli.alias_commands import alias_app, audit, history, resolve, who_runs
+    from cli.alias_commands import alias_app, audit, history, identify, resolve, who_runs
     from cli.server_commands import db_app, server
 
     app.add_typer(alias_app, name="alias")
-    for command in (history, resolve, audit):
+    for command in (history, resolve, audit, identify):
         app.command()(command)
     app.command("who-runs")(who_runs)
     app.command()(check)

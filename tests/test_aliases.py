@@ -172,3 +172,42 @@ def test_postgres_refuses_to_update_or_delete_audit_and_alias_history(
             "SELECT count(*) FROM audit_events WHERE subject LIKE %s", (f"{name}%",)
         ).fetchone()
     assert rows is not None and rows[0] >= 2
+
+
+def test_identify_an_exact_adapter_a_modified_one_a_file_and_an_unknown_one(
+    client: Registry, server: RunningServer, adapter_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    name = unique_name()
+    client.push(adapter_dir("qwen2", seed=7), name, lineage={"run": "https://ci/run/9"})
+    client.set_alias(f"{name}@1", "production")
+    deployed = client.pull(f"{name}@production", tmp_path / "deployed").path
+
+    exact = client.identify(deployed)
+    assert exact.status == "exact"
+    (match,) = exact.matches
+    assert (match.adapter, match.version, match.aliases) == (name, 1, ["production"])
+    assert match.lineage == {"run": "https://ci/run/9"}
+    shown = server.cli("identify", str(deployed))
+    assert shown.returncode == 0 and f"{name}@1" in shown.stdout
+
+    weights = deployed / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one byte of one weight
+    weights.write_bytes(bytes(data))
+    modified = client.identify(deployed)
+    assert modified.status == "modified"
+    assert modified.matches[0].adapter == name
+    assert modified.matches[0].differing == ["adapter_model.safetensors"]
+    assert "adapter_config.json" in modified.matches[0].identical
+    cli = server.cli("identify", str(deployed), "--json")
+    assert cli.returncode == 9
+    assert json.loads(cli.stdout)["matches"][0]["differing"] == ["adapter_model.safetensors"]
+
+    config = client.identify(deployed / "adapter_config.json")
+    assert config.status == "file" and config.matches[0].identical == ["adapter_config.json"]
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "weights.safetensors").write_bytes(b"nothing the registry has seen")
+    assert client.identify(stranger).status == "unknown"
+    assert server.cli("identify", str(stranger)).returncode == 9

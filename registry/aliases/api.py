@@ -13,12 +13,16 @@ from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service as adapters
 from registry.aliases import service
+from registry.core.errors import InvalidInput
+from registry.core.manifest import check_manifest
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AliasMoveOut,
     AliasOut,
     AliasSetRequest,
     AuditEventOut,
+    IdentifyOut,
+    IdentifyRequest,
     Page,
     make_page,
 )
@@ -26,6 +30,7 @@ from registry.deps import ActorDep, ReadSessionDep, SessionDep
 
 router = APIRouter(prefix="/api/v1", tags=["aliases"])
 Limit = Annotated[int, Query(ge=1, le=500)]
+MAX_IDENTIFY_FILES = 10_000
 Offset = Annotated[int, Query(ge=0)]
 
 
@@ -103,6 +108,17 @@ def who_runs(
     """Every adapter whose `alias` is set: version, digest, since when, by whom."""
     items = service.list_aliases(session, alias=alias)
     return make_page(items[offset : offset + limit], len(items), limit, offset)
+
+
+@router.post("/identify", response_model=IdentifyOut)
+def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
+    """Which version a set of files is (by sha256 only: no bytes are sent)."""
+    if not request.files:
+        raise InvalidInput("identify needs at least one file (path, size, sha256)")
+    entries = check_manifest(
+        (spec.entry() for spec in request.files), max_files=MAX_IDENTIFY_FILES, required=()
+    )
+    return service.identify(session, entries)
 
 
 @router.get("/audit", response_model=Page[AuditEventOut])

@@ -1,4 +1,4 @@
-"""Aliases, their history, and the audit log: who pointed which name at which version, and when.
+"""Aliases, their history, the audit log and `identify`: who runs what, since when, set by whom.
 
 Called by `registry.aliases.api` and by the adapter service (`push --alias`, resolving
 `ns/name@alias`) inside the request transaction; flushes, never commits. Every move writes the
@@ -10,14 +10,32 @@ locked so moves of one adapter are serialised. `alias_moves` and `audit_events` 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from registry.core.errors import AdapterNotFound, AliasNotFound, InvalidReference
+from registry.core.manifest import FileEntry, manifest_digest
 from registry.core.names import AdapterName, parse_selector
-from registry.core.schemas import AliasMoveOut, AliasOut, AuditEventOut, Page, make_page
-from registry.models import Adapter, AdapterVersion, Alias, AliasMove, AuditEvent, as_utc
+from registry.core.schemas import (
+    AliasMoveOut,
+    AliasOut,
+    AuditEventOut,
+    IdentifyMatch,
+    IdentifyOut,
+    Page,
+    make_page,
+)
+from registry.models import (
+    Adapter,
+    AdapterVersion,
+    Alias,
+    AliasMove,
+    AuditEvent,
+    VersionFile,
+    as_utc,
+)
 from registry.repository import count, for_update
 
 
@@ -281,3 +299,60 @@ def audit(
         for row in rows
     ]
     return make_page(items, total, limit, offset)
+
+
+# --- identify ----------------------------------------------------------------------------------
+
+MAX_CANDIDATES = 5
+
+
+def identify(session: Session, entries: list[FileEntry]) -> IdentifyOut:
+    """Which version(s) these files are: exactly (same manifest digest), or the closest ones
+    (most files in common) with the files that differ; a single file is looked up by content."""
+    digest = manifest_digest(entries)
+    exact = session.exec(select(AdapterVersion).where(AdapterVersion.digest == digest)).all()
+    if exact:
+        return IdentifyOut(
+            status="exact", digest=digest, matches=[_match(session, v, entries) for v in exact]
+        )
+    shas = sorted({entry.sha256 for entry in entries})
+    shared = session.execute(
+        sa.select(col(VersionFile.version_id), sa.func.count())
+        .where(col(VersionFile.sha256).in_(shas))
+        .group_by(col(VersionFile.version_id))
+        .order_by(sa.func.count().desc(), col(VersionFile.version_id).desc())
+        .limit(MAX_CANDIDATES)
+    ).all()
+    versions = [session.get(AdapterVersion, version_id) for version_id, _ in shared]
+    matches = [_match(session, v, entries) for v in versions if v is not None]
+    status: Literal["modified", "file", "unknown"] = "unknown"
+    if matches:
+        status = "file" if len(entries) == 1 else "modified"
+    return IdentifyOut(status=status, digest=digest, matches=matches)
+
+
+def _match(session: Session, version: AdapterVersion, entries: list[FileEntry]) -> IdentifyMatch:
+    adapter = session.get(Adapter, version.adapter_id)
+    assert adapter is not None
+    stored = {
+        f.path: f.sha256
+        for f in session.exec(select(VersionFile).where(VersionFile.version_id == version.id))
+    }
+    local = {entry.path: entry.sha256 for entry in entries}
+    if len(entries) == 1:  # a single file: compare by content, wherever it sits in the version
+        (sha,) = local.values()
+        local = {path: sha for path, stored_sha in stored.items() if stored_sha == sha} or local
+    names = session.exec(
+        select(Alias.name).where(Alias.version_id == version.id).order_by(col(Alias.name))
+    ).all()
+    return IdentifyMatch(
+        adapter=_adapter_label(adapter),
+        version=version.number,
+        digest=version.digest,
+        lineage=version.lineage,
+        aliases=list(names),
+        identical=sorted(p for p in local if stored.get(p) == local[p]),
+        differing=sorted(p for p in local if p in stored and stored[p] != local[p]),
+        missing=sorted(p for p in stored if p not in local),
+        extra=sorted(p for p in local if p not in stored),
+    )

@@ -283,6 +283,31 @@ class AuditEventOut(BaseModel):
     details: dict[str, Any]
 
 
+class IdentifyRequest(BaseModel):
+    files: list[FileSpec]  # what is on disk: (path, size, sha256) of each file
+
+
+class IdentifyMatch(BaseModel):
+    adapter: str
+    version: int
+    digest: str
+    lineage: dict[str, str]
+    aliases: list[str]  # aliases pointing at this version now
+    identical: list[str]  # paths whose bytes match
+    differing: list[str]  # same path, other bytes
+    missing: list[str]  # in the version, not on disk
+    extra: list[str]  # on disk, not in the version
+
+
+class IdentifyOut(BaseModel):
+    """`exact`: the files are exactly a version; `modified`: closest versions and what differs;
+    `file`: a single file found in versions; `unknown`: nothing in the registry shares a byte."""
+
+    status: Literal["exact", "modified", "file", "unknown"]
+    digest: str  # of the files as a manifest
+    matches: list[IdentifyMatch]
+
+
 class CheckRequest(BaseModel):
     base: str | None = None  # id[@revision]; default: the version's base
     profile: str | None = None
