@@ -237,3 +237,17 @@ def _print_identity(path: str, result: IdentifyOut) -> None:
                     out.print(f"  {label}: {', '.join(paths)}")
         if lineage:
             out.print(f"  lineage: {lineage}")
+
+
+def yank(
+    ref: Annotated[str, typer.Argument(help="ns/name@7 or ns/name@sha256:...")],
+    reason: Annotated[str, typer.Option(help="Why it must not be used (kept in the audit log).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Mark a version as not to be used: pull refuses it and no alias may point at it."""
+    with registry() as client:
+        version = client.yank(ref, reason)
+    if as_json:
+        emit_json(version)
+        return
+    out.print(f"yanked {version.adapter}@{version.number} {version.digest}: {version.yank_reason}")

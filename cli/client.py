@@ -37,6 +37,7 @@ from registry.core.errors import (
     OutputNotEmpty,
     RegistryError,
     Unavailable,
+    VersionYanked,
     error_from_code,
 )
 from registry.core.manifest import (
@@ -448,6 +449,12 @@ class Registry:
                 params[key] = text
         return Page[AuditEventOut].model_validate(self._json("GET", "/api/v1/audit", params=params))
 
+    def yank(self, ref: str, reason: str) -> VersionOut:
+        """Mark a version as not to be used (pull refuses it; no alias may point at it)."""
+        parsed = parse_reference(ref)
+        path = f"/api/v1/adapters/{parsed.name}/versions/{parsed.selector}/yank"
+        return VersionOut.model_validate(self._json("POST", path, json={"reason": reason}))
+
     def identify(self, path: str | Path, progress: Progress | None = None) -> IdentifyOut:
         """Which registry version a folder or a single file is; only hashes are sent."""
         progress = progress or NoProgress()
@@ -642,6 +649,7 @@ class Registry:
         out_dir: str | Path | None = None,
         *,
         force: bool = False,
+        allow_yanked: bool = False,
         progress: Progress | None = None,
     ) -> PullResult:
         """Download a version into `out_dir` (default `./<name>`), verified, through the cache.
@@ -656,6 +664,12 @@ class Registry:
         version = self.get(ref)
         files = version.files or []
         _check_version_reply(parsed, version, files)
+        if version.yanked_at is not None and not allow_yanked:
+            raise VersionYanked(
+                f"{version.adapter}@{version.number} was yanked ({version.yank_reason}); pull "
+                "another version, or pass --allow-yanked to fetch it anyway",
+                version=version.number,
+            )
         target = Path(out_dir) if out_dir else Path(parsed.name.name)
         strangers = _strangers(target, {f.path for f in files})
         if strangers and not force:

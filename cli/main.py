@@ -172,11 +172,16 @@ def pull(
     force: Annotated[
         bool, typer.Option("--force", help="Remove files in the folder that are not in REF.")
     ] = False,
+    allow_yanked: Annotated[
+        bool, typer.Option("--allow-yanked", help="Pull a yanked version anyway.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download a version, verified, through the local cache."""
     with registry(cache_dir) as client:
-        result = client.pull(ref, output, force=force, progress=progress())
+        result = client.pull(
+            ref, output, force=force, allow_yanked=allow_yanked, progress=progress()
+        )
     if as_json:
         emit_json(
             {
@@ -270,6 +275,13 @@ def show(
         ("size", f"{size(version.size)} in {version.file_count} file(s)"),
         ("compatibility", _compat(version)),
     ]
+    if version.yanked_at:
+        rows.append(
+            (
+                "yanked",
+                f"{when(version.yanked_at)} by {version.yanked_by or '-'}: {version.yank_reason}",
+            )
+        )
     table = Table(show_header=False, box=None)
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", value)
@@ -301,7 +313,7 @@ def versions(
     table = Table("version", "digest", "base", "r", "metrics", "created", "by")
     for v in page.items:
         table.add_row(
-            f"@{v.number}",
+            f"@{v.number}" + (" (yanked)" if v.yanked_at else ""),
             v.digest[:19],
             _base(v),
             str(v.r),
@@ -314,11 +326,11 @@ def versions(
 
 
 def _register_commands() -> None:
-    from cli.alias_commands import alias_app, audit, history, identify, resolve, who_runs
+    from cli.alias_commands import alias_app, audit, history, identify, resolve, who_runs, yank
     from cli.server_commands import db_app, server
 
     app.add_typer(alias_app, name="alias")
-    for command in (history, resolve, audit, identify):
+    for command in (history, resolve, audit, identify, yank):
         app.command()(command)
     app.command("who-runs")(who_runs)
     app.command()(check)

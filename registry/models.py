@@ -85,6 +85,12 @@ class AdapterVersion(SQLModel, table=True):
     compat_status: str | None = Field(default=None, max_length=16, index=True)
     compat_base: str | None = Field(default=None, max_length=401)
     compat_report: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
+    # Yanked: kept (nothing is deleted) but not to be used; pull refuses it without a flag.
+    yanked_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    yanked_by: str | None = Field(default=None, max_length=200)
+    yank_reason: str | None = Field(default=None, max_length=1000)
 
 
 class VersionFile(SQLModel, table=True):

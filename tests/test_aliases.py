@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from cli.client import Registry
-from registry.core.errors import AliasNotFound, InvalidReference
+from registry.core.errors import AliasNotFound, InvalidReference, VersionYanked
 from tests.conftest import RunningServer, unique_name
 
 
@@ -211,3 +211,29 @@ def test_identify_an_exact_adapter_a_modified_one_a_file_and_an_unknown_one(
     (stranger / "weights.safetensors").write_bytes(b"nothing the registry has seen")
     assert client.identify(stranger).status == "unknown"
     assert server.cli("identify", str(stranger)).returncode == 9
+
+
+def test_a_yanked_version_is_kept_but_refused(
+    client: Registry, server: RunningServer, adapter_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    name = push_versions(client, adapter_dir, 2)
+    client.set_alias(f"{name}@1", "production")
+    refused = server.cli("yank", f"{name}@1", "--reason", "leaks PII")
+    assert refused.returncode == 4 and "production" in refused.stderr  # move the alias first
+    client.set_alias(f"{name}@2", "production")
+    yanked = client.yank(f"{name}@1", "leaks PII")
+    assert yanked.yank_reason == "leaks PII" and yanked.yanked_at is not None
+    assert client.yank(f"{name}@1", "again").yank_reason == "leaks PII"  # the first one stays
+
+    with pytest.raises(VersionYanked):
+        client.pull(f"{name}@1", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    cli = server.cli("pull", f"{name}@1", "-o", str(tmp_path / "b"))
+    assert cli.returncode == 4 and "version_yanked" in cli.stderr
+    assert client.pull(f"{name}@1", tmp_path / "c", allow_yanked=True).version.number == 1
+    with pytest.raises(VersionYanked):
+        client.set_alias(f"{name}@1", "staging")
+    shown = server.cli("show", f"{name}@1")
+    assert "leaks PII" in shown.stdout
+    events = client.audit(action="version.yank", subject=name).items
+    assert [(e.subject, e.details["reason"]) for e in events] == [(f"{name}@1", "leaks PII")]

@@ -24,6 +24,8 @@ from registry.core.schemas import (
     IdentifyOut,
     IdentifyRequest,
     Page,
+    VersionOut,
+    YankRequest,
     make_page,
 )
 from registry.deps import ActorDep, ReadSessionDep, SessionDep
@@ -108,6 +110,23 @@ def who_runs(
     """Every adapter whose `alias` is set: version, digest, since when, by whom."""
     items = service.list_aliases(session, alias=alias)
     return make_page(items[offset : offset + limit], len(items), limit, offset)
+
+
+@router.post("/adapters/{namespace}/{name}/versions/{selector}/yank", response_model=VersionOut)
+def yank(
+    session: SessionDep,
+    actor: ActorDep,
+    namespace: str,
+    name: str,
+    selector: str,
+    request: YankRequest,
+) -> VersionOut:
+    """Mark a version as not to be used: pull refuses it, no alias may point at it."""
+    adapter_name = _name(namespace, name)
+    adapter = service.lock_adapter(session, adapter_name)
+    version = adapters.resolve(session, Reference(adapter_name, parse_selector(selector)))
+    service.yank(session, adapter, version, request.reason, actor)
+    return adapters.version_out(session, adapter_name, version, with_files=True)
 
 
 @router.post("/identify", response_model=IdentifyOut)

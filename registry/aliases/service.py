@@ -15,7 +15,13 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from registry.core.errors import AdapterNotFound, AliasNotFound, InvalidReference
+from registry.core.errors import (
+    AdapterNotFound,
+    AliasNotFound,
+    Conflict,
+    InvalidReference,
+    VersionYanked,
+)
 from registry.core.manifest import FileEntry, manifest_digest
 from registry.core.names import AdapterName, parse_selector
 from registry.core.schemas import (
@@ -74,6 +80,12 @@ def set_alias(
     """Point `alias` at `version` (the adapter row must be locked by the caller)."""
     check_alias(alias)
     assert adapter.id is not None and version.id is not None
+    if version.yanked_at is not None:
+        raise VersionYanked(
+            f"{_adapter_label(adapter)}@{version.number} is yanked ({version.yank_reason}); "
+            "no alias may point at it: pick another version",
+            version=version.number,
+        )
     row = session.exec(
         select(Alias).where(Alias.adapter_id == adapter.id, Alias.name == alias)
     ).first()
@@ -299,6 +311,39 @@ def audit(
         for row in rows
     ]
     return make_page(items, total, limit, offset)
+
+
+# --- yank --------------------------------------------------------------------------------------
+
+
+def yank(
+    session: Session, adapter: Adapter, version: AdapterVersion, reason: str, actor: str | None
+) -> None:
+    """Mark a version as not to be used (the adapter row must be locked by the caller).
+
+    Nothing is deleted. Refused while an alias points at it; yanking twice keeps the first.
+    """
+    if version.yanked_at is not None:
+        return
+    pointing = session.exec(select(Alias.name).where(Alias.version_id == version.id)).all()
+    label = f"{_adapter_label(adapter)}@{version.number}"
+    if pointing:
+        raise Conflict(
+            f"{label} is what {', '.join(pointing)} point(s) at: move those aliases to another "
+            f"version first (lora-reg alias set {_adapter_label(adapter)}@N ALIAS)",
+            aliases=list(pointing),
+        )
+    version.yanked_at, version.yanked_by, version.yank_reason = datetime.now(UTC), actor, reason
+    session.add(version)
+    session.add(
+        AuditEvent(
+            actor=actor,
+            action="version.yank",
+            subject=label,
+            details={"digest": version.digest, "reason": reason},
+        )
+    )
+    session.flush()
 
 
 # --- identify ----------------------------------------------------------------------------------

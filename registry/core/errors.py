@@ -80,6 +80,12 @@ class Conflict(RegistryError):
     code = "conflict"
 
 
+class VersionYanked(Conflict):
+    """The version is yanked: it must not be used (pull --allow-yanked to fetch it anyway)."""
+
+    code = "version_yanked"
+
+
 class OutputNotEmpty(Conflict):
     """The output folder holds files that are not part of the version."""
 

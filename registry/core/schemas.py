@@ -206,6 +206,9 @@ class VersionOut(BaseModel):
     compat_status: str | None = None
     compat_base: str | None = None
     compat_report: CompatReport | None = None  # with the files, on single-version reads
+    yanked_at: datetime | None = None
+    yanked_by: str | None = None
+    yank_reason: str | None = None
     files: list[VersionFileOut] | None = None
     created: bool | None = None  # set on commit: False when identical content already existed
 
@@ -250,6 +253,10 @@ class BaseOut(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.id}@{self.revision}" if self.revision else self.id
+
+
+class YankRequest(BaseModel):
+    reason: str = Field(min_length=1, max_length=1000)
 
 
 class AliasSetRequest(BaseModel):
