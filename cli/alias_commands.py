@@ -251,3 +251,23 @@ def yank(
         emit_json(version)
         return
     out.print(f"yanked {version.adapter}@{version.number} {version.digest}: {version.yank_reason}")
+
+
+def gc(
+    older_than: Annotated[
+        int, typer.Option(help="Only blobs recorded more than this many seconds ago.")
+    ] = 3600,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, delete nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete stored blobs that no version or stored base references (safe during pushes)."""
+    with registry() as client:
+        result = client.gc(older_than_s=older_than, dry_run=dry_run)
+    if as_json:
+        emit_json(result)
+        return
+    verb = "would delete" if result.dry_run else "deleted"
+    out.print(
+        f"{verb} {result.deleted} blob(s), {result.deleted_bytes} bytes"
+        + ("; more remain: run again" if result.more else "")
+    )

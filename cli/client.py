@@ -61,6 +61,7 @@ from registry.core.schemas import (
     AuditEventOut,
     BaseOut,
     CompletedPart,
+    GcOut,
     IdentifyOut,
     Page,
     UploadInstruction,
@@ -454,6 +455,11 @@ class Registry:
         parsed = parse_reference(ref)
         path = f"/api/v1/adapters/{parsed.name}/versions/{parsed.selector}/yank"
         return VersionOut.model_validate(self._json("POST", path, json={"reason": reason}))
+
+    def gc(self, *, older_than_s: int = 3600, dry_run: bool = False) -> GcOut:
+        """Delete blobs no version or stored base references (admin)."""
+        body = {"older_than_s": older_than_s, "dry_run": dry_run}
+        return GcOut.model_validate(self._json("POST", "/api/v1/blobs/gc", json=body))
 
     def identify(self, path: str | Path, progress: Progress | None = None) -> IdentifyOut:
         """Which registry version a folder or a single file is; only hashes are sent."""

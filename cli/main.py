@@ -326,11 +326,20 @@ def versions(
 
 
 def _register_commands() -> None:
-    from cli.alias_commands import alias_app, audit, history, identify, resolve, who_runs, yank
+    from cli.alias_commands import (
+        alias_app,
+        audit,
+        gc,
+        history,
+        identify,
+        resolve,
+        who_runs,
+        yank,
+    )
     from cli.server_commands import db_app, server
 
     app.add_typer(alias_app, name="alias")
-    for command in (history, resolve, audit, identify, yank):
+    for command in (history, resolve, audit, identify, yank, gc):
         app.command()(command)
     app.command("who-runs")(who_runs)
     app.command()(check)

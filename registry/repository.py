@@ -36,6 +36,14 @@ def for_update(session: Session, statement: Any) -> Any:
     return statement
 
 
+def for_share(session: Session, statement: Any) -> Any:
+    """Share-lock the selected rows until the transaction ends, so a concurrent garbage
+    collection (which takes them FOR UPDATE) waits for us, and we for it."""
+    if session.get_bind().dialect.name == "postgresql":
+        return statement.with_for_update(read=True)
+    return statement
+
+
 def count(session: Session, statement: Any) -> int:
     subquery = statement.order_by(None).subquery()
     return int(session.execute(sa.select(sa.func.count()).select_from(subquery)).scalar_one())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import BinaryIO, cast
 
 import anyio.from_thread
@@ -21,8 +22,8 @@ from starlette.requests import ClientDisconnect
 from registry.blobs import service
 from registry.core.errors import InvalidReference, UploadIncomplete, VersionTooLarge
 from registry.core.names import parse_selector
-from registry.core.schemas import CompleteMultipart
-from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.core.schemas import CompleteMultipart, GcOut, GcRequest
+from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.storage.folder import FolderStore
 
 router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"])
@@ -101,6 +102,20 @@ def complete_multipart(
         session, store, _sha(digest), body.size, body.upload_id, body.key, body.parts
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/gc", response_model=GcOut)
+def collect_garbage(
+    session: SessionDep, store: StoreDep, actor: ActorDep, request: GcRequest
+) -> GcOut:
+    """Delete blobs no version or stored base references (recorded before `older_than_s`)."""
+    return service.collect_garbage(
+        session,
+        store,
+        older_than=timedelta(seconds=request.older_than_s),
+        dry_run=request.dry_run,
+        actor=actor,
+    )
 
 
 @router.get(

@@ -7,17 +7,21 @@ by the blob and adapter APIs inside the request transaction; flushes, never comm
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import BinaryIO
 
-from sqlmodel import Session, select
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
 
 from registry.core.errors import BlobNotFound, ChecksumMismatch
 from registry.core.manifest import FileEntry
-from registry.core.schemas import CompletedPart, UploadInstruction, UploadPlan
-from registry.models import Blob, utcnow
-from registry.repository import insert_ignore
+from registry.core.schemas import CompletedPart, GcOut, UploadInstruction, UploadPlan
+from registry.models import AuditEvent, BaseModelFile, Blob, VersionFile, utcnow
+from registry.repository import for_share, for_update, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
+
+GC_BATCH = 1000
 
 
 def blob_url(sha256: str) -> str:
@@ -25,11 +29,14 @@ def blob_url(sha256: str) -> str:
     return f"/api/v1/blobs/sha256:{sha256}"
 
 
-def known_blobs(session: Session, sha256s: Iterable[str]) -> dict[str, int]:
+def known_blobs(session: Session, sha256s: Iterable[str], *, lock: bool = False) -> dict[str, int]:
+    """Recorded blobs and their sizes; `lock` share-locks the rows (see `collect_garbage`)."""
     wanted = sorted(set(sha256s))
     if not wanted:
         return {}
-    rows = session.exec(select(Blob).where(Blob.sha256.in_(wanted))).all()  # type: ignore[attr-defined]
+    # Sorted, like garbage collection's FOR UPDATE, so the two lock rows in one order.
+    statement = select(Blob).where(col(Blob.sha256).in_(wanted)).order_by(col(Blob.sha256))
+    rows = session.exec(for_share(session, statement) if lock else statement).all()
     return {row.sha256: row.size for row in rows}
 
 
@@ -55,7 +62,8 @@ def adopt_stored(
     a push that died before its commit).
     """
     wanted = {entry.sha256: entry.size for entry in entries}
-    known = known_blobs(session, wanted)
+    # Locked until commit: a garbage collection cannot delete what this transaction will use.
+    known = known_blobs(session, wanted, lock=True)
     for sha, size in known.items():
         if wanted[sha] != size:
             raise ChecksumMismatch(
@@ -123,3 +131,63 @@ def require_blob(session: Session, sha256: str) -> int:
     if size is None:
         raise BlobNotFound(f"blob sha256:{sha256} is not in the registry")
     return size
+
+
+def collect_garbage(
+    session: Session,
+    store: ObjectStore,
+    *,
+    older_than: timedelta,
+    dry_run: bool,
+    actor: str | None,
+    limit: int = GC_BATCH,
+) -> GcOut:
+    """Delete blobs that no version and no stored base references, recorded before `older_than`.
+
+    Safe against pushes in flight: the candidate rows are locked FOR UPDATE (SQLite: the whole
+    database, this is a write transaction) and their references checked again under that lock;
+    pushes share-lock the blob rows they use (`adopt_stored`), so either the push commits first
+    and its blobs are kept, or it waits, finds them gone and asks for them again (BlobMissing:
+    re-running the push uploads them). Objects are deleted before their rows.
+    """
+    cutoff = utcnow() - older_than
+    referenced = sa.or_(
+        sa.exists().where(col(VersionFile.sha256) == col(Blob.sha256)),
+        sa.exists().where(col(BaseModelFile.sha256) == col(Blob.sha256)),
+    )
+    candidates = select(Blob).where(col(Blob.created_at) < _naive(session, cutoff), ~referenced)
+    locked = session.exec(for_update(session, candidates.order_by(col(Blob.sha256)).limit(limit)))
+    rows = list(locked.all())
+    # Checked again now that the rows are ours: a push that held them has committed by now.
+    still = {
+        sha
+        for sha in session.exec(
+            select(Blob.sha256).where(
+                col(Blob.sha256).in_([row.sha256 for row in rows]), ~referenced
+            )
+        ).all()
+    }
+    doomed = [row for row in rows if row.sha256 in still]
+    if not dry_run:
+        for row in doomed:
+            store.delete_blob(row.sha256)
+            session.delete(row)
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="gc",
+                subject="blobs",
+                details={"deleted": len(doomed), "bytes": sum(r.size for r in doomed)},
+            )
+        )
+        session.flush()
+    return GcOut(
+        deleted=len(doomed),
+        deleted_bytes=sum(row.size for row in doomed),
+        dry_run=dry_run,
+        more=len(rows) == limit,
+    )
+
+
+def _naive(session: Session, at: datetime) -> datetime:
+    return at.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else at

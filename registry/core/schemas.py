@@ -255,6 +255,22 @@ class BaseOut(BaseModel):
         return f"{self.id}@{self.revision}" if self.revision else self.id
 
 
+class GcRequest(BaseModel):
+    """Destructive, so nothing is implied: the age is required and unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    older_than_s: int = Field(ge=0)  # only blobs recorded at least this long ago
+    dry_run: bool = False
+
+
+class GcOut(BaseModel):
+    deleted: int
+    deleted_bytes: int
+    dry_run: bool
+    more: bool  # a batch limit was reached: run again
+
+
 class YankRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=1000)
 

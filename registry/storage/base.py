@@ -40,6 +40,10 @@ class ObjectStore(ABC):
         """
 
     @abstractmethod
+    def delete_blob(self, sha256: str) -> None:
+        """Delete a blob (garbage collection only); absent blobs are fine."""
+
+    @abstractmethod
     def read_range(self, sha256: str, start: int, length: int) -> bytes:
         """`length` bytes of a blob from `start` (fewer at the end of the blob)."""
 

@@ -80,6 +80,12 @@ class FolderStore(ObjectStore):
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
 
+    def delete_blob(self, sha256: str) -> None:
+        try:
+            self.path(sha256).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot delete from folder store {self.root}: {exc}") from exc
+
     def read_range(self, sha256: str, start: int, length: int) -> bytes:
         try:
             with open(self.path(sha256), "rb") as handle:

@@ -196,6 +196,10 @@ class S3Store(ObjectStore):
                 raise
         self._publish_staged(key, sha256, size, sent=(hashing.length, hashing.hexdigest()))
 
+    def delete_blob(self, sha256: str) -> None:
+        with _translated(f"blob sha256:{sha256}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self.blob_object_key(sha256))
+
     def read_range(self, sha256: str, start: int, length: int) -> bytes:
         if length <= 0:
             return b""
