@@ -27,11 +27,13 @@ def _timestamp(text: str | None, flag: str) -> datetime | None:
     if text is None:
         return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidInput(
             f"{flag} {text!r}: use an ISO 8601 time such as 2026-11-20T10:00Z"
         ) from None
+    # Without a zone it is local time, as the tables print it.
+    return moment if moment.tzinfo else moment.astimezone()
 
 
 def _alias_table(items: list[AliasOut]) -> Table:
@@ -221,6 +223,8 @@ def _print_identity(path: str, result: IdentifyOut) -> None:
     for match in result.matches:
         ref = f"{match.adapter}@{match.version}"
         aliases = f" (aliases: {', '.join(match.aliases)})" if match.aliases else ""
+        if match.yanked:
+            aliases += " [red](yanked: must not be used)[/red]"
         lineage = " ".join(f"{k}={v}" for k, v in sorted(match.lineage.items()))
         if result.status == "exact":
             out.print(f"{path}: [green]exactly[/green] {ref} {match.digest}{aliases}")

@@ -31,6 +31,7 @@ from cli.progress import NoProgress, Progress
 from registry.core.basemodel import BaseSignature
 from registry.core.compat import CompatReport
 from registry.core.errors import (
+    BlobMissing,
     ChecksumMismatch,
     InvalidInput,
     InvalidReference,
@@ -511,10 +512,6 @@ class Registry:
         total = sum(path.stat().st_size for path in files)
         entries = self._hash(directory, files, progress)
         manifest = _wire(entries)
-        uploaded, sent_files = self._upload(
-            f"/api/v1/adapters/{adapter}/uploads", directory, entries, str(adapter), progress
-        )
-
         body = {
             "files": manifest,
             "base": base,
@@ -525,15 +522,27 @@ class Registry:
             "require_compatible": require_compatible,
             "alias": alias,
         }
-        version = VersionOut.model_validate(
-            self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
-        )
+        uploaded = sent_files = 0
+        for attempt in range(2):
+            sent = self._upload(
+                f"/api/v1/adapters/{adapter}/uploads", directory, entries, str(adapter), progress
+            )
+            uploaded, sent_files = uploaded + sent[0], sent_files + sent[1]
+            try:
+                version = VersionOut.model_validate(
+                    self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
+                )
+                break
+            except BlobMissing:
+                # A garbage collection took a blob the plan called present: upload it, once.
+                if attempt:
+                    raise
         return PushResult(
             version=version,
             created=bool(version.created),
             uploaded_bytes=uploaded,
             uploaded_files=sent_files,
-            skipped_bytes=total - uploaded,
+            skipped_bytes=max(0, total - uploaded),
         )
 
     def _hash(

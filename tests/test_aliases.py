@@ -63,7 +63,7 @@ def test_invalid_alias_names_are_refused(
     client: Registry, adapter_dir: Callable[..., Path], alias: str
 ) -> None:
     name = push_versions(client, adapter_dir, 1)
-    with pytest.raises(InvalidReference):
+    with pytest.raises(InvalidReference, match="invalid alias"):
         client.set_alias(f"{name}@1", alias)
     with pytest.raises(InvalidReference):
         client.push(adapter_dir("llama", seed=0), name, alias=alias)
@@ -95,6 +95,10 @@ def test_history_and_point_in_time_resolution(
     assert cli.returncode == 0 and json.loads(cli.stdout)["version"] == 2
     bad = server.cli("resolve", f"{name}@production", "--at", "last tuesday")
     assert bad.returncode == 6
+    path = f"{server.url}/api/v1/adapters/{name}/aliases/production"
+    for extreme in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"):
+        answer = httpx.get(path, params={"at": extreme})
+        assert answer.status_code in (404, 422), answer.text  # never a 500
 
 
 def test_who_runs_lists_every_adapter_with_the_alias(
@@ -161,6 +165,7 @@ def test_postgres_refuses_to_update_or_delete_audit_and_alias_history(
         "DELETE FROM audit_events",
         "UPDATE alias_moves SET version_number = 99",
         "DELETE FROM alias_moves",
+        "TRUNCATE audit_events, alias_moves",
     ):
         with (
             psycopg.connect(url) as connection,
@@ -206,6 +211,10 @@ def test_identify_an_exact_adapter_a_modified_one_a_file_and_an_unknown_one(
     config = client.identify(deployed / "adapter_config.json")
     assert config.status == "file" and config.matches[0].identical == ["adapter_config.json"]
 
+    (deployed / "optimizer.pt").write_bytes(b"a trainer left this here")
+    with_pickle = client.identify(deployed)
+    assert with_pickle.status == "modified" and "optimizer.pt" in with_pickle.matches[0].extra
+
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "weights.safetensors").write_bytes(b"nothing the registry has seen")
@@ -231,6 +240,9 @@ def test_a_yanked_version_is_kept_but_refused(
     cli = server.cli("pull", f"{name}@1", "-o", str(tmp_path / "b"))
     assert cli.returncode == 4 and "version_yanked" in cli.stderr
     assert client.pull(f"{name}@1", tmp_path / "c", allow_yanked=True).version.number == 1
+    found = client.identify(tmp_path / "c")
+    assert found.status == "exact"  # other tests may have pushed these bytes under other names
+    assert [m.yanked for m in found.matches if m.adapter == name] == [True]
     with pytest.raises(VersionYanked):
         client.set_alias(f"{name}@1", "staging")
     shown = server.cli("show", f"{name}@1")

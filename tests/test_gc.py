@@ -54,6 +54,8 @@ def test_gc_deletes_only_unreferenced_blobs(
     assert blob_exists(server, orphan)
 
     assert client.gc(older_than_s=3600).deleted == 0  # too recent
+    absurd = httpx.post(f"{server.url}/api/v1/blobs/gc", json={"older_than_s": 10**12})
+    assert absurd.status_code == 422
     dry = client.gc(older_than_s=0, dry_run=True)
     assert dry.deleted >= 1 and blob_exists(server, orphan)
     done = client.gc(older_than_s=0)

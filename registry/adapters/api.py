@@ -25,7 +25,7 @@ from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, Sto
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
 
 Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 def _name(namespace: str, name: str) -> AdapterName:

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Query, Response, status
 from registry.adapters import service as adapters
 from registry.aliases import service
 from registry.core.errors import InvalidInput
-from registry.core.manifest import check_manifest
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AliasMoveOut,
@@ -33,7 +32,7 @@ from registry.deps import ActorDep, ReadSessionDep, SessionDep
 router = APIRouter(prefix="/api/v1", tags=["aliases"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 MAX_IDENTIFY_FILES = 10_000
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 def _name(namespace: str, name: str) -> AdapterName:
@@ -132,11 +131,10 @@ def yank(
 @router.post("/identify", response_model=IdentifyOut)
 def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
     """Which version a set of files is (by sha256 only: no bytes are sent)."""
-    if not request.files:
-        raise InvalidInput("identify needs at least one file (path, size, sha256)")
-    entries = check_manifest(
-        (spec.entry() for spec in request.files), max_files=MAX_IDENTIFY_FILES, required=()
-    )
+    if not request.files or len(request.files) > MAX_IDENTIFY_FILES:
+        raise InvalidInput(f"identify takes 1 to {MAX_IDENTIFY_FILES} files (path, size, sha256)")
+    # Paths were checked by FileSpec; anything else on disk (checkpoints, pickles) is just extra.
+    entries = sorted({spec.path: spec.entry() for spec in request.files}.values())
     return service.identify(session, entries)
 
 

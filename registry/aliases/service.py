@@ -19,11 +19,12 @@ from registry.core.errors import (
     AdapterNotFound,
     AliasNotFound,
     Conflict,
+    InvalidInput,
     InvalidReference,
     VersionYanked,
 )
 from registry.core.manifest import FileEntry, manifest_digest
-from registry.core.names import AdapterName, parse_selector
+from registry.core.names import ALIAS_RE, AdapterName
 from registry.core.schemas import (
     AliasMoveOut,
     AliasOut,
@@ -47,7 +48,7 @@ from registry.repository import count, for_update
 
 def check_alias(name: str) -> str:
     """An alias: `[a-z][a-z0-9-]*`, never all digits, never `latest`."""
-    if name == "latest" or parse_selector(name).kind != "alias":
+    if name == "latest" or not ALIAS_RE.fullmatch(name):
         raise InvalidReference(
             f"invalid alias {name!r}: use a lower-case word such as production or staging "
             "(letters, digits and '-', starting with a letter; not 'latest')",
@@ -92,7 +93,7 @@ def set_alias(
     previous = session.get(AdapterVersion, row.version_id) if row else None
     if row is not None and row.version_id == version.id:
         return _alias_out(adapter, row, version)
-    now = datetime.now(UTC)
+    now = _move_time(session, adapter, alias)
     if row is None:
         row = Alias(adapter_id=adapter.id, name=alias, version_id=version.id)
     row.version_id, row.updated_at, row.updated_by = version.id, now, actor
@@ -110,8 +111,20 @@ def remove_alias(session: Session, adapter: Adapter, alias: str, actor: str | No
         raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
     previous = session.get(AdapterVersion, row.version_id)
     session.delete(row)
-    _record(session, adapter, alias, previous, None, actor, datetime.now(UTC))
+    _record(session, adapter, alias, previous, None, actor, _move_time(session, adapter, alias))
     session.flush()
+
+
+def _move_time(session: Session, adapter: Adapter, alias: str) -> datetime:
+    """Now, but never before the alias's last move: replicas' clocks may drift, and history
+    must read in the order the moves happened (the adapter row is locked)."""
+    last = session.exec(
+        select(sa.func.max(AliasMove.at)).where(
+            AliasMove.adapter_id == adapter.id, AliasMove.name == alias
+        )
+    ).first()
+    now = datetime.now(UTC)
+    return max(now, as_utc(last)) if last else now
 
 
 def _record(
@@ -256,9 +269,11 @@ def resolve_at(session: Session, adapter: Adapter, alias: str, at: datetime) -> 
 def _naive_utc(session: Session, at: datetime) -> datetime:
     """SQLite stores timestamps naive (in UTC): compare like with like."""
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    if session.get_bind().dialect.name == "sqlite":
-        return at.astimezone(UTC).replace(tzinfo=None)
-    return at
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidInput(f"time {at.isoformat()} is out of range") from None
+    return utc.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else utc
 
 
 def lock_adapter(session: Session, name: AdapterName) -> Adapter:
@@ -355,15 +370,25 @@ def identify(session: Session, entries: list[FileEntry]) -> IdentifyOut:
     """Which version(s) these files are: exactly (same manifest digest), or the closest ones
     (most files in common) with the files that differ; a single file is looked up by content."""
     digest = manifest_digest(entries)
-    exact = session.exec(select(AdapterVersion).where(AdapterVersion.digest == digest)).all()
+    exact = session.exec(
+        select(AdapterVersion)
+        .where(AdapterVersion.digest == digest)
+        .order_by(col(AdapterVersion.id).desc())  # newest first
+        .limit(MAX_CANDIDATES)
+    ).all()
     if exact:
         return IdentifyOut(
             status="exact", digest=digest, matches=[_match(session, v, entries) for v in exact]
         )
-    shas = sorted({entry.sha256 for entry in entries})
+    if len(entries) == 1:  # one file: by content, wherever it sits in a version
+        matching = col(VersionFile.sha256) == entries[0].sha256
+    else:  # the same file at the same path
+        matching = sa.tuple_(col(VersionFile.path), col(VersionFile.sha256)).in_(
+            [(entry.path, entry.sha256) for entry in entries]
+        )
     shared = session.execute(
         sa.select(col(VersionFile.version_id), sa.func.count())
-        .where(col(VersionFile.sha256).in_(shas))
+        .where(matching)
         .group_by(col(VersionFile.version_id))
         .order_by(sa.func.count().desc(), col(VersionFile.version_id).desc())
         .limit(MAX_CANDIDATES)
@@ -400,4 +425,5 @@ def _match(session: Session, version: AdapterVersion, entries: list[FileEntry]) 
         differing=sorted(p for p in local if p in stored and stored[p] != local[p]),
         missing=sorted(p for p in stored if p not in local),
         extra=sorted(p for p in local if p not in stored),
+        yanked=version.yanked_at is not None,
     )

@@ -21,7 +21,7 @@ def list_bases(
     session: ReadSessionDep,
     id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
 ) -> Page[BaseOut]:
     """Registered base models (without their tensor signatures), optionally of one id."""
     return service.list_bases(

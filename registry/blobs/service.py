@@ -13,7 +13,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from registry.core.errors import BlobNotFound, ChecksumMismatch
+from registry.core.errors import BlobNotFound, ChecksumMismatch, Conflict
 from registry.core.manifest import FileEntry
 from registry.core.schemas import CompletedPart, GcOut, UploadInstruction, UploadPlan
 from registry.models import AuditEvent, BaseModelFile, Blob, VersionFile, utcnow
@@ -110,7 +110,20 @@ def put_blob(
     """
     if store.blob_size(sha256) != size:
         store.put_blob(sha256, size, stream)
+    _record_stored(session, store, sha256, size)
+
+
+def _record_stored(session: Session, store: ObjectStore, sha256: str, size: int) -> None:
+    """Record a blob whose bytes are in the store, and make sure they still are once the row is
+    locked: a garbage collection may have removed them since they were written or seen."""
     register_blobs(session, store, {sha256: size})
+    known_blobs(session, [sha256], lock=True)
+    if store.blob_size(sha256) != size:
+        raise Conflict(
+            f"blob sha256:{sha256} was garbage-collected while it was being uploaded; upload it "
+            "again (re-run the push)",
+            sha256=sha256,
+        )
 
 
 def complete_multipart(
@@ -123,7 +136,7 @@ def complete_multipart(
     parts: list[CompletedPart],
 ) -> None:
     store.complete_multipart(sha256, size, upload_id, key, parts)
-    register_blobs(session, store, {sha256: size})
+    _record_stored(session, store, sha256, size)
 
 
 def require_blob(session: Session, sha256: str) -> int:

@@ -260,7 +260,7 @@ class GcRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    older_than_s: int = Field(ge=0)  # only blobs recorded at least this long ago
+    older_than_s: int = Field(ge=0, le=100 * 365 * 86400)  # recorded at least this long ago
     dry_run: bool = False
 
 
@@ -320,6 +320,7 @@ class IdentifyMatch(BaseModel):
     differing: list[str]  # same path, other bytes
     missing: list[str]  # in the version, not on disk
     extra: list[str]  # on disk, not in the version
+    yanked: bool = False  # the version must not be used
 
 
 class IdentifyOut(BaseModel):
