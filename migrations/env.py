@@ -26,6 +26,11 @@ def run_migrations() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
+            if url.startswith("sqlite"):
+                # SQLite alters a table by copying it ("batch" mode) and dropping the old one,
+                # which foreign keys pointing at it would refuse once rows exist. The pragma only
+                # takes effect outside a transaction, so it goes straight to the driver.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,

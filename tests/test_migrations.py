@@ -82,3 +82,50 @@ def test_server_refuses_invalid_settings_with_a_clear_message(tmp_path: Path) ->
     )
     assert result.returncode == 7
     assert "LORA_REG_STORAGE_URL must start with file:// or s3://" in result.stderr
+
+
+def test_downgrade_keeps_working_with_data_in_the_tables(empty_database: Settings) -> None:
+    """Batch table rebuilds on SQLite must not trip over foreign keys once rows exist."""
+    upgrade(empty_database)
+    engine = make_engine(empty_database.sqlalchemy_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO adapters (id, namespace, name, created_at) "
+                    "VALUES (1, 'team', 'a', '2026-11-23 00:00:00')"
+                )
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO blobs (sha256, size, storage_key, created_at) "
+                    "VALUES (:sha, 1, 'k', '2026-11-23 00:00:00')"
+                ),
+                {"sha": "0" * 64},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO adapter_versions (id, adapter_id, number, digest, peft_type, r, "
+                    "lora_alpha, adapter_config, metrics, labels, lineage, size, file_count, "
+                    "use_dora, use_rslora, created_at) VALUES (1, 1, 1, 'sha256:x', 'LORA', 4, 8, "
+                    "'{}', '{}', '{}', '{}', 1, 1, false, false, '2026-11-23 00:00:00')"
+                )
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO version_files (version_id, path, size, sha256) "
+                    "VALUES (1, 'adapter_config.json', 1, :sha)"
+                ),
+                {"sha": "0" * 64},
+            )
+    finally:
+        engine.dispose()
+    downgrade(empty_database, "0001")
+    upgrade(empty_database)
+    engine = make_engine(empty_database.sqlalchemy_url)
+    try:
+        with engine.connect() as connection:
+            count = connection.execute(sa.text("SELECT count(*) FROM version_files")).scalar_one()
+    finally:
+        engine.dispose()
+    assert count == 1
