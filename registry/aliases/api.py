@@ -25,7 +25,6 @@ from registry.core.schemas import (
     Page,
     VersionOut,
     YankRequest,
-    make_page,
 )
 from registry.deps import ActorDep, ReadSessionDep, SessionDep
 
@@ -107,8 +106,7 @@ def who_runs(
     session: ReadSessionDep, alias: str, limit: Limit = 100, offset: Offset = 0
 ) -> Page[AliasOut]:
     """Every adapter whose `alias` is set: version, digest, since when, by whom."""
-    items = service.list_aliases(session, alias=alias)
-    return make_page(items[offset : offset + limit], len(items), limit, offset)
+    return service.who_runs(session, alias, limit, offset)
 
 
 @router.post("/adapters/{namespace}/{name}/versions/{selector}/yank", response_model=VersionOut)

@@ -176,10 +176,8 @@ def _alias_out(adapter: Adapter, row: Alias, version: AdapterVersion) -> AliasOu
     )
 
 
-def list_aliases(
-    session: Session, adapter: Adapter | None = None, alias: str | None = None
-) -> list[AliasOut]:
-    """Aliases set now: of one adapter, or (`who-runs`) every adapter's `alias`."""
+def _aliases(adapter: Adapter | None = None, alias: str | None = None) -> Any:
+    """Aliases set now (with their adapter and version), in a stable order."""
     statement: Any = (
         select(Alias, Adapter, AdapterVersion)
         .join(Adapter, col(Adapter.id) == Alias.adapter_id)
@@ -189,18 +187,27 @@ def list_aliases(
         statement = statement.where(Alias.adapter_id == adapter.id)
     if alias is not None:
         statement = statement.where(Alias.name == check_alias(alias))
-    rows = session.exec(
-        statement.order_by(col(Adapter.namespace), col(Adapter.name), col(Alias.name))
-    ).all()
-    return [_alias_out(a, row, v) for row, a, v in rows]
+    return statement.order_by(col(Adapter.namespace), col(Adapter.name), col(Alias.name))
+
+
+def list_aliases(session: Session, adapter: Adapter) -> list[AliasOut]:
+    return [_alias_out(a, row, v) for row, a, v in session.exec(_aliases(adapter)).all()]
 
 
 def current_alias(session: Session, adapter: Adapter, alias: str) -> AliasOut:
-    check_alias(alias)
-    found = [a for a in list_aliases(session, adapter) if a.alias == alias]
-    if not found:
+    found = session.exec(_aliases(adapter, alias)).first()
+    if found is None:
         raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
-    return found[0]
+    row, owner, version = found
+    return _alias_out(owner, row, version)
+
+
+def who_runs(session: Session, alias: str, limit: int, offset: int) -> Page[AliasOut]:
+    """Every adapter whose `alias` is set now, a page at a time."""
+    statement = _aliases(alias=alias)
+    rows = session.exec(statement.limit(limit).offset(offset)).all()
+    items = [_alias_out(a, row, v) for row, a, v in rows]
+    return make_page(items, count(session, statement), limit, offset)
 
 
 def history(
