@@ -69,6 +69,18 @@ class BaseNotFound(NotFound):
     code = "base_not_found"
 
 
+class JobNotFound(NotFound):
+    """Merge job not found (see lora-reg jobs)."""
+
+    code = "job_not_found"
+
+
+class ArtifactNotFound(NotFound):
+    """Merged artifact not found (see lora-reg jobs for merges published to the registry)."""
+
+    code = "artifact_not_found"
+
+
 # --- 409 ---------------------------------------------------------------------------------------
 
 
@@ -90,6 +102,24 @@ class OutputNotEmpty(Conflict):
     """The output folder holds files that are not part of the version."""
 
     code = "output_not_empty"
+
+
+class LeaseLost(Conflict):
+    """This worker no longer holds the job's lease (it expired and the job was requeued)."""
+
+    code = "lease_lost"
+
+
+class JobFinished(Conflict):
+    """The job has already finished; it cannot change state again."""
+
+    code = "job_finished"
+
+
+class OutputExists(Conflict):
+    """The merge output already exists; pass --force to replace it."""
+
+    code = "output_exists"
 
 
 # --- 401 / 403 ---------------------------------------------------------------------------------
@@ -239,6 +269,24 @@ class BlobMissing(InvalidInput):
     """A file of the version has not been uploaded yet; upload it, then commit again."""
 
     code = "blob_missing"
+
+
+class InvalidTarget(InvalidInput):
+    """Invalid merge target: use registry, dir:PATH, s3://bucket/prefix or hub:ORG/REPO[@branch]."""
+
+    code = "invalid_target"
+
+
+class NonFiniteResult(InvalidInput):
+    """The merge produced NaN or infinite values; the adapter (or base) holds non-finite weights."""
+
+    code = "non_finite"
+
+
+class MergeFailed(RegistryError):
+    """The merge failed; see the job's error for why, then retry or re-request it."""
+
+    code = "merge_failed"
 
 
 # --- 503 ---------------------------------------------------------------------------------------
