@@ -170,7 +170,8 @@ def server_environment(
     backend: str, workdir: Path, seaweed: SeaweedServer | None, pg_database: Callable[[], str]
 ) -> tuple[dict[str, str], str | None]:
     database, store = backend.split("-")
-    env = {"LORA_REG_CACHE_DIR": str(workdir / "client-cache")}
+    # Tests that merge start their own workers (or ask for the embedded one explicitly).
+    env = {"LORA_REG_CACHE_DIR": str(workdir / "client-cache"), "LORA_REG_EMBEDDED_WORKER": "false"}
     bucket = None
     if database == "postgres":
         env["LORA_REG_DATABASE_URL"] = pg_database()

@@ -73,9 +73,9 @@ class S3Source:
 
     def __init__(self, bucket: str, prefix: str, client: Any | None = None) -> None:
         if client is None:
-            import boto3
+            from worker.s3 import s3_client
 
-            client = boto3.client("s3")
+            client = s3_client()
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
