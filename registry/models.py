@@ -202,3 +202,86 @@ class AliasMove(SQLModel, table=True):
     version_number: int | None = None
     at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
     actor: str | None = Field(default=None, max_length=200)
+
+
+class MergeJob(SQLModel, table=True):
+    """A request to merge one adapter version into one base, and its run (DESIGN.md §9).
+
+    queued -> running (a worker holds a lease until `lease_expires_at`, renewed by heartbeats)
+    -> succeeded | failed | cancelled. `memo_key` identifies the output (adapter digest, base,
+    options, target), so a request matching a succeeded job returns that job.
+    """
+
+    __tablename__ = "merge_jobs"
+    __table_args__ = (sa.Index("ix_merge_jobs_status_created_at", "status", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=32)  # uuid4 hex
+    status: str = Field(max_length=16)
+    adapter_version_id: int = Field(foreign_key="adapter_versions.id", index=True)
+    adapter: str = Field(max_length=200)  # ns/name@N
+    adapter_digest: str = Field(max_length=71)
+    base_id: str = Field(max_length=200)
+    base_revision: str = Field(default="", max_length=200)
+    target: str = Field(max_length=2048)
+    options: dict[str, Any] = Field(sa_column=_json())
+    memo_key: str = Field(max_length=64, index=True)
+    attempts: int = 0
+    max_attempts: int
+    lease_s: int = 60  # the lease a worker asked for when it claimed the job
+    worker: str | None = Field(default=None, max_length=200)
+    device: str | None = Field(default=None, max_length=200)
+    lease_expires_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    heartbeat_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    progress: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
+    cancel_requested: bool = False
+    error: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
+    result: dict[str, Any] | None = Field(default=None, sa_column=_json(nullable=True))
+    requested_by: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    started_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+
+
+class MergedArtifact(SQLModel, table=True):
+    """A merged checkpoint: lineage (adapter digest + base revision + options) -> its files.
+
+    `digest` is the sha256 of its canonical manifest, like a version's. `stored`: the files are
+    blobs in this registry (target `registry`); otherwise `location` says where they were
+    published and the files are recorded for lineage and `identify` only.
+    """
+
+    __tablename__ = "merged_artifacts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    digest: str = Field(max_length=71, unique=True)
+    job_id: str = Field(foreign_key="merge_jobs.id", max_length=32, index=True)
+    adapter_version_id: int = Field(foreign_key="adapter_versions.id", index=True)
+    adapter_digest: str = Field(max_length=71)
+    base_id: str = Field(max_length=200)
+    base_revision: str = Field(default="", max_length=200)
+    options: dict[str, Any] = Field(sa_column=_json())
+    target: str = Field(max_length=2048)
+    location: str = Field(sa_type=sa.Text)
+    stored: bool = False
+    size: int = Field(sa_type=sa.BigInteger)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class MergedArtifactFile(SQLModel, table=True):
+    """A file of a merged artifact. No foreign key to `blobs`: an artifact published elsewhere
+    (a folder, S3, the Hub) lists files whose bytes the registry never held."""
+
+    __tablename__ = "merged_artifact_files"
+
+    artifact_id: int = Field(foreign_key="merged_artifacts.id", primary_key=True)
+    path: str = Field(primary_key=True, max_length=255)
+    size: int = Field(sa_type=sa.BigInteger)
+    sha256: str = Field(max_length=64, index=True)

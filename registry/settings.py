@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # Where clients reach S3 when it differs from the server's AWS_ENDPOINT_URL (containers,
     # private networks): presigned URLs are signed for this endpoint.
     s3_public_endpoint: str | None = None
+    # How many times a merge job is claimed before an expired lease fails it (lease_expired).
+    merge_max_attempts: int = Field(default=3, ge=1, le=100)
 
     @field_validator("database_url")
     @classmethod
