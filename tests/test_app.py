@@ -53,6 +53,7 @@ def concrete(path: str) -> str:
         "selector": "1",
         "digest": "sha256:" + "0" * 64,
         "ref": "nobody/nothing",
+        "job_id": "0" * 32,
         "alias": "production",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)

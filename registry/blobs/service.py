@@ -16,7 +16,14 @@ from sqlmodel import Session, col, select
 from registry.core.errors import BlobNotFound, ChecksumMismatch, Conflict
 from registry.core.manifest import FileEntry
 from registry.core.schemas import CompletedPart, GcOut, UploadInstruction, UploadPlan
-from registry.models import AuditEvent, BaseModelFile, Blob, VersionFile, utcnow
+from registry.models import (
+    AuditEvent,
+    BaseModelFile,
+    Blob,
+    MergedArtifactFile,
+    VersionFile,
+    utcnow,
+)
 from registry.repository import for_share, for_update, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
@@ -155,7 +162,8 @@ def collect_garbage(
     actor: str | None,
     limit: int = GC_BATCH,
 ) -> GcOut:
-    """Delete blobs that no version and no stored base references, recorded before `older_than`.
+    """Delete blobs that no version, stored base or merged artifact references, recorded
+    before `older_than`.
 
     Safe against pushes in flight: the candidate rows are locked FOR UPDATE (SQLite: the whole
     database, this is a write transaction) and their references checked again under that lock;
@@ -167,6 +175,7 @@ def collect_garbage(
     referenced = sa.or_(
         sa.exists().where(col(VersionFile.sha256) == col(Blob.sha256)),
         sa.exists().where(col(BaseModelFile.sha256) == col(Blob.sha256)),
+        sa.exists().where(col(MergedArtifactFile.sha256) == col(Blob.sha256)),
     )
     candidates = select(Blob).where(col(Blob.created_at) < _naive(session, cutoff), ~referenced)
     locked = session.exec(for_update(session, candidates.order_by(col(Blob.sha256)).limit(limit)))

@@ -1,0 +1,128 @@
+"""REST endpoints for merge jobs under /api/v1/merges (routes only: no SQL here).
+
+Users request, list, show and cancel jobs; workers claim them (`/claim`), renew their lease
+(`/{job_id}/heartbeat`), upload output blobs (`/{job_id}/uploads`) and finish them
+(`/{job_id}/finish`). Merged artifacts stored in the registry are read at `/artifacts/{digest}`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from registry.core.jobs import (
+    ArtifactOut,
+    Claim,
+    ClaimRequest,
+    FinishRequest,
+    HeartbeatOut,
+    HeartbeatRequest,
+    JobOut,
+    MergeRequest,
+)
+from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
+from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.merges import service
+
+router = APIRouter(prefix="/api/v1/merges", tags=["merges"])
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
+
+
+@router.post(
+    "",
+    response_model=JobOut,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": JobOut, "description": "a matching job succeeded (memoized) or is running"}
+    },
+)
+def request_merge(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    request: MergeRequest,
+    response: Response,
+) -> JobOut:
+    """Queue a merge of an adapter version into a registered base (checked with the merge
+    profile first). A request matching a succeeded job returns it (`memoized`) unless `force`."""
+    job = service.request_merge(session, store, settings, request, actor)
+    if not job.created:
+        response.status_code = status.HTTP_200_OK
+    return job
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    session: ReadSessionDep,
+    status: str | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[JobOut]:
+    """Merge jobs, newest first, optionally in one status."""
+    return service.list_jobs(session, status=status, limit=limit, offset=offset)
+
+
+@router.post(
+    "/claim",
+    response_model=Claim,
+    responses={204: {"description": "no job is waiting"}},
+)
+def claim(session: SessionDep, actor: ActorDep, request: ClaimRequest) -> Claim | Response:
+    """Worker: take the oldest queued job with a lease (204 when there is none)."""
+    claimed = service.claim(session, request, actor)
+    if claimed is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return claimed
+
+
+@router.get("/artifacts/{digest}", response_model=ArtifactOut)
+def get_artifact(session: ReadSessionDep, digest: str) -> ArtifactOut:
+    """A merged artifact and its files (with download URLs when it is stored here)."""
+    return service.get_artifact(session, service.artifact_digest(digest))
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(session: ReadSessionDep, job_id: str) -> JobOut:
+    return service.get_job(session, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel(session: SessionDep, actor: ActorDep, job_id: str) -> JobOut:
+    """Cancel a queued job at once, or ask the worker running it to stop."""
+    return service.cancel(session, job_id, actor)
+
+
+@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut)
+def heartbeat(session: SessionDep, job_id: str, request: HeartbeatRequest) -> HeartbeatOut:
+    """Worker: renew the lease and report progress; 409 lease_lost means drop the job."""
+    return service.heartbeat(session, job_id, request)
+
+
+@router.post("/{job_id}/uploads", response_model=UploadPlan)
+def plan_upload(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    job_id: str,
+    request: UploadPlanRequest,
+    worker: str | None = None,
+) -> UploadPlan:
+    """Worker: which output blobs of a running job are missing, and how to upload each."""
+    return service.plan_upload(session, store, settings, job_id, worker, request.files)
+
+
+@router.post("/{job_id}/finish", response_model=JobOut)
+def finish(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    job_id: str,
+    request: FinishRequest,
+) -> JobOut:
+    """Worker: end the job (succeeded with its result, failed or cancelled with an error)."""
+    return service.finish(session, store, settings, job_id, request, actor)

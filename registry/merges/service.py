@@ -1,0 +1,621 @@
+"""Merge jobs (DESIGN.md §9): requests with memoization, claims with leases, heartbeats, finishes,
+cancellation, and the merged artifacts succeeded jobs record.
+
+Called by `registry.merges.api` inside one request transaction; flushes, never commits. Two
+workers never hold one job: on PostgreSQL a claim takes the oldest queued row with
+`SELECT ... FOR UPDATE SKIP LOCKED` (concurrent claims skip each other's rows instead of
+waiting), and heartbeats, finishes and cancels lock the job row `FOR UPDATE`; SQLite runs every
+write transaction as `BEGIN IMMEDIATE`, so claims run one at a time. Expired leases are dealt
+with at the start of every claim: the job goes back to the queue while attempts remain, else it
+fails with `lease_expired` (or ends as cancelled, when a cancel was asked for). Every state
+change writes an audit event in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from registry.adapters import service as adapters
+from registry.bases import service as bases
+from registry.blobs import service as blobs
+from registry.blobs.service import adopt_stored, blob_url
+from registry.core.compat import check_compatibility
+from registry.core.errors import (
+    ArtifactNotFound,
+    BlobMissing,
+    Incompatible,
+    InvalidInput,
+    InvalidReference,
+    JobFinished,
+    JobNotFound,
+    LeaseLost,
+    VersionYanked,
+)
+from registry.core.jobs import (
+    FINISHED,
+    JOB_STATUSES,
+    ArtifactOut,
+    Claim,
+    ClaimRequest,
+    FinishRequest,
+    HeartbeatOut,
+    HeartbeatRequest,
+    JobError,
+    JobOut,
+    JobResult,
+    MergeOptions,
+    MergeRequest,
+    Progress,
+    memo_key,
+    parse_target,
+)
+from registry.core.manifest import FileEntry, check_manifest, manifest_digest
+from registry.core.names import BaseModelId, parse_base, parse_reference, parse_selector
+from registry.core.profiles import bind
+from registry.core.schemas import FileSpec, Page, UploadPlan, VersionFileOut, make_page
+from registry.models import (
+    Adapter,
+    AdapterVersion,
+    AuditEvent,
+    MergedArtifact,
+    MergedArtifactFile,
+    MergeJob,
+    VersionFile,
+    as_utc,
+    utcnow,
+)
+from registry.repository import count, for_update, insert_ignore
+from registry.settings import Settings
+from registry.storage import ObjectStore
+
+EXPIRE_BATCH = 100
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _db_time(session: Session, at: datetime) -> datetime:
+    """SQLite keeps timestamps naive (in UTC): compare like with like."""
+    return at.replace(tzinfo=None) if not _is_postgres(session) else at
+
+
+def _skip_locked(session: Session, statement: Any) -> Any:
+    """Lock the selected rows, skipping rows another transaction holds (PostgreSQL); SQLite's
+    write transaction already holds the whole database."""
+    if _is_postgres(session):
+        return statement.with_for_update(skip_locked=True)
+    return statement
+
+
+def _base_label(base_id: str, revision: str) -> str:
+    return f"{base_id}@{revision}" if revision else base_id
+
+
+def _opt_utc(value: datetime | None) -> datetime | None:
+    return as_utc(value) if value is not None else None
+
+
+def job_out(job: MergeJob, *, memoized: bool = False, created: bool | None = None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]  # one of JOB_STATUSES, written only here
+        adapter=job.adapter,
+        adapter_digest=job.adapter_digest,
+        base=_base_label(job.base_id, job.base_revision),
+        target=job.target,
+        options=MergeOptions.model_validate(job.options),
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        worker=job.worker,
+        device=job.device,
+        lease_expires_at=_opt_utc(job.lease_expires_at),
+        progress=Progress.model_validate(job.progress) if job.progress else None,
+        cancel_requested=job.cancel_requested,
+        error=JobError.model_validate(job.error) if job.error else None,
+        result=JobResult.model_validate(job.result) if job.result else None,
+        memoized=memoized,
+        created=created,
+        requested_by=job.requested_by,
+        created_at=as_utc(job.created_at),
+        started_at=_opt_utc(job.started_at),
+        finished_at=_opt_utc(job.finished_at),
+    )
+
+
+def _audit(session: Session, job: MergeJob, action: str, actor: str | None, **details: Any) -> None:
+    session.add(
+        AuditEvent(
+            actor=actor,
+            action=action,
+            subject=job.adapter,
+            details={"job": job.id, "base": _base_label(job.base_id, job.base_revision), **details},
+        )
+    )
+
+
+def _get_job(session: Session, job_id: str, *, lock: bool = False) -> MergeJob:
+    statement = select(MergeJob).where(MergeJob.id == job_id)
+    job: MergeJob | None = session.exec(
+        for_update(session, statement) if lock else statement
+    ).first()
+    if job is None:
+        raise JobNotFound(f"merge job {job_id!r} does not exist (see lora-reg jobs)", job=job_id)
+    return job
+
+
+def _check_holder(job: MergeJob, worker: str) -> None:
+    """The job must be running under `worker`; otherwise that worker must drop it."""
+    if job.status == "running" and job.worker == worker:
+        return
+    if job.status == "running":
+        why = f"it is running under worker {job.worker} now (the lease expired and it was requeued)"
+    elif job.status == "queued":
+        why = "it is queued again (the lease expired)"
+    else:
+        why = f"it has finished ({job.status})"
+    raise LeaseLost(
+        f"worker {worker} no longer holds merge job {job.id}: {why}; drop it",
+        job=job.id,
+        status=job.status,
+    )
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def request_merge(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    request: MergeRequest,
+    actor: str | None,
+) -> JobOut:
+    """Queue a merge, or return the job that already answers it (memoized, or in flight)."""
+    ref = parse_reference(request.adapter)
+    target = str(parse_target(request.target))
+    options = request.options
+    version = adapters.resolve(session, ref)
+    adapter = session.get(Adapter, version.adapter_id)
+    assert adapter is not None and version.id is not None
+    label = f"{adapter.namespace}/{adapter.name}@{version.number}"
+    if version.yanked_at is not None:
+        raise VersionYanked(
+            f"{label} is yanked ({version.yank_reason}); merge another version",
+            version=version.number,
+        )
+    if request.base:
+        wanted = parse_base(request.base)
+    elif version.base_model_id:
+        wanted = BaseModelId(version.base_model_id, version.base_model_revision)
+    else:
+        raise InvalidInput(
+            f"{label} records no base model: pass --base ID[@REVISION] to merge it into one"
+        )
+    base = bases.get_base_row(session, wanted)
+    key = memo_key(version.digest, base.model_id, base.revision, options, target)
+
+    # One request per version at a time (PostgreSQL; SQLite's write transaction already is),
+    # so two identical requests never both queue a job.
+    session.exec(for_update(session, select(AdapterVersion).where(AdapterVersion.id == version.id)))
+    if not request.force:
+        existing = _memoized(session, key)
+        if existing is not None:
+            return job_out(existing, memoized=existing.status == "succeeded", created=False)
+
+    files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
+    summary, header = adapters.read_adapter(
+        store, [FileEntry(f.path, f.size, f.sha256) for f in files]
+    )
+    profile, values = bind("merge", {"untie": options.untie})
+    report = check_compatibility(
+        summary.raw,
+        header.tensors,
+        bases.signature_of(base),
+        base_id=base.model_id,
+        base_revision=base.revision or None,
+        claimed_base=(version.base_model_id, version.base_model_revision),
+        profile=profile,
+        options=values,
+    )
+    if not report.compatible:
+        first = report.errors[0].message
+        more = len(report.errors) - 1
+        raise Incompatible(
+            f"{label} cannot be merged into {report.base}: {first}"
+            + (f" (and {more} more error(s))" if more else ""),
+            report=report.model_dump(mode="json"),
+        )
+
+    job = MergeJob(
+        id=uuid.uuid4().hex,
+        status="queued",
+        adapter_version_id=version.id,
+        adapter=label,
+        adapter_digest=version.digest,
+        base_id=base.model_id,
+        base_revision=base.revision,
+        target=target,
+        options=options.model_dump(mode="json"),
+        memo_key=key,
+        attempts=0,
+        max_attempts=settings.merge_max_attempts,
+        requested_by=actor,
+    )
+    session.add(job)
+    _audit(
+        session,
+        job,
+        "merge.requested",
+        actor,
+        target=target,
+        options=job.options,
+        adapter_digest=version.digest,
+        force=request.force,
+    )
+    session.flush()
+    return job_out(job, created=True)
+
+
+def _memoized(session: Session, key: str) -> MergeJob | None:
+    """The newest succeeded job with this key, else the newest one queued or running."""
+    for statuses in (("succeeded",), ("queued", "running")):
+        found = session.exec(
+            select(MergeJob)
+            .where(MergeJob.memo_key == key, col(MergeJob.status).in_(statuses))
+            .order_by(col(MergeJob.created_at).desc(), col(MergeJob.id).desc())
+            .limit(1)
+        ).first()
+        if found is not None:
+            return found
+    return None
+
+
+def list_jobs(session: Session, *, status: str | None, limit: int, offset: int) -> Page[JobOut]:
+    """Jobs, newest first, optionally in one status."""
+    query: Any = select(MergeJob)
+    if status:
+        if status not in JOB_STATUSES:
+            raise InvalidInput(f"job status {status!r}: use one of {', '.join(JOB_STATUSES)}")
+        query = query.where(MergeJob.status == status)
+    total = count(session, query)
+    rows = session.exec(
+        query.order_by(col(MergeJob.created_at).desc(), col(MergeJob.id).desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return make_page([job_out(row) for row in rows], total, limit, offset)
+
+
+def get_job(session: Session, job_id: str) -> JobOut:
+    return job_out(_get_job(session, job_id))
+
+
+def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
+    """Queued: cancelled at once. Running: the worker is told (heartbeat) and finishes it as
+    cancelled. Finished: refused."""
+    job = _get_job(session, job_id, lock=True)
+    if job.status in FINISHED:
+        raise JobFinished(
+            f"merge job {job.id} has already finished ({job.status}); it cannot be cancelled",
+            job=job.id,
+            status=job.status,
+        )
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = utcnow()
+        job.error = JobError(
+            code="cancelled", message=f"cancelled by {actor or 'a user'}"
+        ).model_dump()
+        _audit(session, job, "merge.cancelled", actor, was="queued")
+    elif not job.cancel_requested:
+        job.cancel_requested = True
+        _audit(session, job, "merge.cancel_requested", actor, worker=job.worker)
+    session.add(job)
+    session.flush()
+    return job_out(job)
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+def expire_leases(session: Session, now: datetime, actor: str | None = None) -> int:
+    """Deal with running jobs whose lease ran out: requeue them while attempts remain, else
+    fail them (`lease_expired`); a job whose cancel was asked for ends as cancelled."""
+    statement = (
+        select(MergeJob)
+        .where(
+            MergeJob.status == "running",
+            col(MergeJob.lease_expires_at) < _db_time(session, now),
+        )
+        .order_by(col(MergeJob.id))
+        .limit(EXPIRE_BATCH)
+    )
+    rows = session.exec(_skip_locked(session, statement)).all()
+    for job in rows:
+        worker = job.worker
+        if job.cancel_requested:
+            job.status, job.finished_at = "cancelled", now
+            job.error = JobError(
+                code="cancelled", message=f"cancelled; worker {worker} stopped renewing its lease"
+            ).model_dump()
+            _audit(session, job, "merge.cancelled", actor, worker=worker, reason="lease_expired")
+        elif job.attempts >= job.max_attempts:
+            job.status, job.finished_at = "failed", now
+            job.error = JobError(
+                code="lease_expired",
+                message=f"worker {worker} stopped renewing its lease on attempt {job.attempts} "
+                f"of {job.max_attempts}; no attempts left (request the merge again)",
+            ).model_dump()
+            _audit(
+                session,
+                job,
+                "merge.failed",
+                actor,
+                worker=worker,
+                attempts=job.attempts,
+                error=job.error,
+            )
+        else:
+            job.status = "queued"
+            _audit(session, job, "merge.requeued", actor, worker=worker, attempts=job.attempts)
+        job.worker = None
+        job.lease_expires_at = None
+        job.progress = None
+        session.add(job)
+    session.flush()
+    return len(rows)
+
+
+def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim | None:
+    """Give the oldest queued job to `request.worker` with a lease; None when there is none."""
+    now = utcnow()
+    expire_leases(session, now, actor)
+    statement = (
+        select(MergeJob)
+        .where(MergeJob.status == "queued")
+        .order_by(col(MergeJob.created_at), col(MergeJob.id))
+        .limit(1)
+    )
+    job = session.exec(_skip_locked(session, statement)).first()
+    if job is None:
+        return None
+    job.status = "running"
+    job.worker = request.worker
+    job.device = request.device
+    job.attempts += 1
+    job.lease_s = request.lease_s
+    job.lease_expires_at = now + timedelta(seconds=request.lease_s)
+    job.heartbeat_at = now
+    job.started_at = now
+    job.progress = None
+    job.error = None
+    session.add(job)
+    _audit(
+        session,
+        job,
+        "merge.started",
+        actor,
+        worker=request.worker,
+        attempt=job.attempts,
+        device=request.device,
+    )
+    session.flush()
+    return Claim(job=job_out(job), lease_s=request.lease_s)
+
+
+def heartbeat(session: Session, job_id: str, request: HeartbeatRequest) -> HeartbeatOut:
+    """Renew the lease of `request.worker` on the job and record its progress."""
+    job = _get_job(session, job_id, lock=True)
+    _check_holder(job, request.worker)
+    now = utcnow()
+    job.heartbeat_at = now
+    job.lease_expires_at = now + timedelta(seconds=job.lease_s)
+    if request.progress is not None:
+        job.progress = request.progress.model_dump()
+    session.add(job)
+    session.flush()
+    return HeartbeatOut(
+        cancel_requested=job.cancel_requested, lease_expires_at=now + timedelta(seconds=job.lease_s)
+    )
+
+
+def merged_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
+    """A merge's output files, checked like a manifest (paths, duplicates, no pickles), within
+    the size allowed for a stored base."""
+    return check_manifest(
+        (spec.entry() for spec in files),
+        max_files=settings.max_files,
+        max_bytes=settings.max_base_bytes,
+        required=(),
+    )
+
+
+def plan_upload(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    job_id: str,
+    worker: str | None,
+    files: list[FileSpec],
+) -> UploadPlan:
+    """Which of a running job's output files are missing from the store, and how to upload each
+    (the same plan a push gets)."""
+    job = _get_job(session, job_id)
+    if job.status != "running" or (worker is not None and job.worker != worker):
+        _check_holder(job, worker or "?")
+    return blobs.plan_upload(session, store, settings, merged_entries(files, settings))
+
+
+def finish(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    job_id: str,
+    request: FinishRequest,
+    actor: str | None,
+) -> JobOut:
+    """End the job the worker holds. A success records the merged artifact (for the registry
+    target only once every file's blob is stored). Repeating a finish that landed returns the
+    job as it is."""
+    job = _get_job(session, job_id, lock=True)
+    if job.status == request.status and job.worker == request.worker:
+        return job_out(job)  # a retried finish whose first answer was lost
+    _check_holder(job, request.worker)
+    now = utcnow()
+    details: dict[str, Any] = {"worker": request.worker, "attempt": job.attempts}
+    if request.status == "succeeded":
+        if request.result is None:
+            raise InvalidInput("a succeeded merge must report its result (location and files)")
+        result = _record_result(session, store, settings, job, request.result, now)
+        job.result = result.model_dump(mode="json")
+        job.error = None
+        details.update(location=result.location, artifact=result.artifact, size=result.size)
+    else:
+        default = (
+            JobError(code="cancelled", message="cancelled")
+            if request.status == "cancelled"
+            else JobError(code="merge_failed", message="the worker reported no reason")
+        )
+        job.error = (request.error or default).model_dump()
+        details["error"] = job.error
+    job.status = request.status
+    job.finished_at = now
+    job.lease_expires_at = None
+    session.add(job)
+    _audit(session, job, f"merge.{request.status}", actor, **details)
+    session.flush()
+    return job_out(job)
+
+
+def _record_result(
+    session: Session,
+    store: ObjectStore,
+    settings: Settings,
+    job: MergeJob,
+    result: JobResult,
+    now: datetime,
+) -> JobResult:
+    entries = merged_entries(result.files, settings)
+    stored = parse_target(job.target).kind == "registry"
+    if stored:
+        if not entries:
+            raise InvalidInput("a merge into the registry must list the files it uploaded")
+        # Share-locked until commit, so a garbage collection cannot take them in between.
+        _, missing = adopt_stored(session, store, entries)
+        if missing:
+            paths = sorted(entry.path for entry in entries if entry.sha256 in missing)
+            raise BlobMissing(
+                f"{len(paths)} merged file(s) are not uploaded yet: {', '.join(paths[:5])}"
+                + (" ..." if len(paths) > 5 else "")
+                + "; upload them (POST /api/v1/merges/{id}/uploads) and finish again",
+                paths=paths,
+            )
+    size = sum(entry.size for entry in entries)
+    digest = manifest_digest(entries) if entries else None
+    if digest is not None:
+        _record_artifact(session, job, digest, entries, result.location, stored, size, now)
+    return JobResult(
+        location=result.location,
+        artifact=digest,
+        files=[FileSpec(path=e.path, size=e.size, sha256=e.sha256) for e in entries],
+        size=size,
+        device=result.device,
+    )
+
+
+def _record_artifact(
+    session: Session,
+    job: MergeJob,
+    digest: str,
+    entries: list[FileEntry],
+    location: str,
+    stored: bool,
+    size: int,
+    now: datetime,
+) -> None:
+    """Insert-or-keep by digest: identical output (a forced re-run, another target) is one
+    artifact; output stored in the registry marks an artifact published elsewhere as stored."""
+    created = insert_ignore(
+        session,
+        MergedArtifact,
+        [
+            {
+                "digest": digest,
+                "job_id": job.id,
+                "adapter_version_id": job.adapter_version_id,
+                "adapter_digest": job.adapter_digest,
+                "base_id": job.base_id,
+                "base_revision": job.base_revision,
+                "options": job.options,
+                "target": job.target,
+                "location": location,
+                "stored": stored,
+                "size": size,
+                "created_at": now,
+            }
+        ],
+    )
+    row = session.exec(
+        for_update(session, select(MergedArtifact).where(MergedArtifact.digest == digest))
+    ).one()
+    assert row.id is not None
+    if created:
+        session.add_all(
+            [
+                MergedArtifactFile(artifact_id=row.id, path=e.path, size=e.size, sha256=e.sha256)
+                for e in entries
+            ]
+        )
+    elif stored and not row.stored:
+        row.stored, row.location, row.target, row.job_id = True, location, job.target, job.id
+        session.add(row)
+    session.flush()
+
+
+# --- artifacts ---------------------------------------------------------------------------------
+
+
+def artifact_digest(text: str) -> str:
+    selector = parse_selector(text)
+    if selector.kind != "digest":
+        raise InvalidReference(f"invalid artifact digest {text!r}: expected sha256:<64 hex>")
+    return selector.value
+
+
+def get_artifact(session: Session, digest: str) -> ArtifactOut:
+    row = session.exec(select(MergedArtifact).where(MergedArtifact.digest == digest)).first()
+    if row is None:
+        raise ArtifactNotFound(f"no merged artifact {digest} in this registry", digest=digest)
+    version = session.get(AdapterVersion, row.adapter_version_id)
+    adapter = session.get(Adapter, version.adapter_id) if version else None
+    label = f"{adapter.namespace}/{adapter.name}@{version.number}" if adapter and version else "?"
+    files = session.exec(
+        select(MergedArtifactFile)
+        .where(MergedArtifactFile.artifact_id == row.id)
+        .order_by(col(MergedArtifactFile.path))
+    ).all()
+    return ArtifactOut(
+        digest=row.digest,
+        job_id=row.job_id,
+        adapter=label,
+        adapter_digest=row.adapter_digest,
+        base=_base_label(row.base_id, row.base_revision),
+        options=MergeOptions.model_validate(row.options),
+        target=row.target,
+        location=row.location,
+        stored=row.stored,
+        size=row.size,
+        created_at=as_utc(row.created_at),
+        files=[
+            VersionFileOut(path=f.path, size=f.size, sha256=f.sha256, url=blob_url(f.sha256))
+            for f in files
+        ],
+    )
