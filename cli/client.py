@@ -31,6 +31,7 @@ from cli.progress import NoProgress, Progress
 from registry.core.basemodel import BaseSignature
 from registry.core.compat import CompatReport
 from registry.core.errors import (
+    ArtifactNotFound,
     BlobMissing,
     ChecksumMismatch,
     InvalidInput,
@@ -41,6 +42,21 @@ from registry.core.errors import (
     VersionYanked,
     error_from_code,
 )
+from registry.core.jobs import (
+    ArtifactOut,
+    Claim,
+    ClaimRequest,
+    FinishRequest,
+    HeartbeatOut,
+    HeartbeatRequest,
+    JobError,
+    JobOut,
+    JobResult,
+    MergeOptions,
+    MergeRequest,
+    parse_target,
+)
+from registry.core.jobs import Progress as JobProgress
 from registry.core.manifest import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -49,7 +65,7 @@ from registry.core.manifest import (
     hash_stream,
     manifest_digest,
 )
-from registry.core.names import Reference, parse_base, parse_name, parse_reference
+from registry.core.names import Reference, parse_base, parse_name, parse_reference, parse_selector
 from registry.core.peft import check_config_size, check_lora_tensors, parse_adapter_config
 from registry.core.profiles import bind
 from registry.core.safetensors_header import read_header_from_file
@@ -475,6 +491,173 @@ class Registry:
         body = {"files": _wire(entries)}
         return IdentifyOut.model_validate(self._json("POST", "/api/v1/identify", json=body))
 
+    # --- merge jobs ----------------------------------------------------------------------------
+
+    def request_merge(
+        self,
+        ref: str,
+        *,
+        base: str | None = None,
+        target: str = "registry",
+        options: dict[str, Any] | MergeOptions | None = None,
+        force: bool = False,
+    ) -> JobOut:
+        """Queue a merge of the version `ref` names into `base` (default: its own base).
+
+        The answer is the job: a new one (`created`), or the succeeded job with the same
+        adapter digest, base revision, options and target (`memoized`), or the same merge still
+        queued or running, unless `force`.
+        """
+        parse_reference(ref)
+        parse_target(target)  # refuse a bad target before any request
+        if base:
+            parse_base(base)
+        request = MergeRequest(
+            adapter=ref,
+            base=base,
+            target=target,
+            options=MergeOptions.model_validate(options or {}),
+            force=force,
+        )
+        return JobOut.model_validate(
+            self._json("POST", "/api/v1/merges", json=request.model_dump(mode="json"))
+        )
+
+    def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> Page[JobOut]:
+        """Merge jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return Page[JobOut].model_validate(self._json("GET", "/api/v1/merges", params=params))
+
+    def job(self, job_id: str) -> JobOut:
+        return JobOut.model_validate(self._json("GET", f"/api/v1/merges/{_job_path(job_id)}"))
+
+    def cancel_job(self, job_id: str) -> JobOut:
+        """Cancel a queued job, or ask the worker running it to stop (it ends as cancelled)."""
+        path = f"/api/v1/merges/{_job_path(job_id)}/cancel"
+        return JobOut.model_validate(self._json("POST", path))
+
+    def claim_job(
+        self, worker: str, *, device: str | None = None, lease_s: int = 60
+    ) -> Claim | None:
+        """Worker: take the oldest queued job with a lease of `lease_s` seconds; None if none.
+
+        Renew the lease with `heartbeat` well before it runs out (a third of it is usual): an
+        expired lease puts the job back in the queue for another worker.
+        """
+        body = ClaimRequest(worker=worker, device=device, lease_s=lease_s)
+        response = self._request("POST", "/api/v1/merges/claim", json=body.model_dump())
+        if response.status_code == 204:
+            return None
+        return Claim.model_validate(response.json())
+
+    def heartbeat(
+        self, job_id: str, worker: str, progress: JobProgress | None = None
+    ) -> HeartbeatOut:
+        """Worker: renew the lease and report progress. `LeaseLost`: drop the job, unfinished.
+        The answer says whether a cancel was asked for."""
+        body = HeartbeatRequest(worker=worker, progress=progress)
+        path = f"/api/v1/merges/{_job_path(job_id)}/heartbeat"
+        return HeartbeatOut.model_validate(
+            _retry(lambda: self._json("POST", path, json=body.model_dump()), "heartbeat")
+        )
+
+    def finish_job(
+        self,
+        job_id: str,
+        worker: str,
+        status: str,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+    ) -> JobOut:
+        """Worker: end the job it holds (`succeeded` with its result, `failed` or `cancelled`
+        with an error). Safe to repeat: a finish that already landed returns the job."""
+        body = FinishRequest.model_validate(
+            {
+                "worker": worker,
+                "status": status,
+                "result": result.model_dump(mode="json") if result else None,
+                "error": error.model_dump(mode="json") if error else None,
+            }
+        )
+        path = f"/api/v1/merges/{_job_path(job_id)}/finish"
+        return JobOut.model_validate(
+            _retry(lambda: self._json("POST", path, json=body.model_dump(mode="json")), "finish")
+        )
+
+    def upload_merged(
+        self,
+        job_id: str,
+        folder: Path,
+        files: Sequence[FileEntry],
+        *,
+        worker: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Worker: upload the blobs of a running job's output files (`files` are relative to
+        `folder`) that the registry does not have yet, as push does. With `worker`, the server
+        also checks that this worker holds the job."""
+        path = f"/api/v1/merges/{_job_path(job_id)}/uploads"
+        if worker:
+            path += "?" + str(httpx.QueryParams({"worker": worker}))
+        self._upload(path, Path(folder), list(files), f"job {job_id}", progress or NoProgress())
+
+    def artifact(self, digest: str) -> ArtifactOut:
+        """A merged artifact and its files."""
+        path = f"/api/v1/merges/artifacts/{_artifact_digest(digest)}"
+        return ArtifactOut.model_validate(self._json("GET", path))
+
+    def pull_artifact(
+        self,
+        digest: str,
+        dest: str | Path,
+        progress: Progress | None = None,
+        *,
+        force: bool = False,
+    ) -> Path:
+        """Download a merged artifact stored in the registry into `dest`, verified like `pull`:
+        every file's sha256 is checked before it is renamed into place, through the cache."""
+        progress = progress or NoProgress()
+        wanted = _artifact_digest(digest)
+        artifact = self.artifact(wanted)
+        files = artifact.files
+        entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
+        check_manifest(
+            entries, max_files=len(entries), max_bytes=sum(e.size for e in entries), required=()
+        )
+        if artifact.digest != wanted or manifest_digest(entries) != wanted:
+            raise ChecksumMismatch(
+                f"the registry's answer for artifact {wanted} lists files whose digest is "
+                f"{manifest_digest(entries)}; refusing to write it"
+            )
+        if not artifact.stored:
+            raise ArtifactNotFound(
+                f"artifact {wanted} was published to {artifact.location}, not stored in the "
+                "registry: fetch it from there, or merge again with target registry",
+                digest=wanted,
+            )
+        target = Path(dest)
+        strangers = _strangers(target, {f.path for f in files})
+        if strangers and not force:
+            raise OutputNotEmpty(
+                f"{target} holds {len(strangers)} file(s) that are not part of {wanted} "
+                f"({', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}); pull into "
+                "an empty folder, or pass force=True to remove them",
+                paths=strangers,
+            )
+        progress.begin(f"pulling {artifact.adapter} merged into {artifact.base}", artifact.size)
+        try:
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                list(pool.map(lambda f: self._pull_file(f, target, progress), files))
+        finally:
+            progress.end()
+        for stranger in strangers:
+            (target / stranger).unlink()
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
     # --- push ----------------------------------------------------------------------------------
 
     def push(
@@ -765,6 +948,22 @@ class Registry:
             raise
         finally:
             partial.unlink(missing_ok=True)
+
+
+def _job_path(job_id: str) -> str:
+    """A job id as one path segment (ids are uuid4 hex; anything else is refused here)."""
+    if not job_id or not all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id):
+        raise InvalidInput(f"invalid job id {job_id!r}")
+    return job_id
+
+
+def _artifact_digest(digest: str) -> str:
+    """`sha256:<hex>` (a bare 64-hex digest is accepted too)."""
+    text = digest if digest.startswith("sha256:") else f"sha256:{digest}"
+    selector = parse_selector(text)
+    if selector.kind != "digest":
+        raise InvalidReference(f"invalid artifact digest {digest!r}: expected sha256:<64 hex>")
+    return selector.value
 
 
 def _signature_body(signature: BaseSignature) -> dict[str, Any]:
