@@ -161,7 +161,10 @@ def push(
 
 @app.command()
 def pull(
-    ref: Annotated[str, typer.Argument(help="ns/name, ns/name@7 or ns/name@sha256:...")],
+    ref: Annotated[
+        str,
+        typer.Argument(help="ns/name, ns/name@7, ns/name@sha256:..., or a merge's sha256:..."),
+    ],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Folder to write (default ./<name>).")
     ] = None,
@@ -177,7 +180,10 @@ def pull(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Download a version, verified, through the local cache."""
+    """Download a version (or a merged checkpoint, by its sha256:... digest), verified."""
+    if ref.startswith("sha256:"):
+        _pull_artifact(ref, output, cache_dir, force, as_json)
+        return
     with registry(cache_dir) as client:
         result = client.pull(
             ref, output, force=force, allow_yanked=allow_yanked, progress=progress()
@@ -197,6 +203,19 @@ def pull(
         f"pulled {v.adapter}@{v.number} {v.digest} into {result.path}\n"
         f"  downloaded {size(result.downloaded_bytes)}, {size(result.cached_bytes)} from cache"
     )
+
+
+def _pull_artifact(
+    digest: str, output: Path | None, cache_dir: Path | None, force: bool, as_json: bool
+) -> None:
+    target = output or Path(f"merged-{digest.removeprefix('sha256:')[:12]}")
+    with registry(cache_dir) as client:
+        path = client.pull_artifact(digest, target, progress(), force=force)
+        artifact = client.artifact(digest)
+    if as_json:
+        emit_json({"artifact": artifact.model_dump(mode="json"), "path": str(path)})
+        return
+    out.print(f"pulled {artifact.adapter} merged into {artifact.base} ({digest[:19]}) into {path}")
 
 
 @app.command("ls")
@@ -336,6 +355,7 @@ def _register_commands() -> None:
         who_runs,
         yank,
     )
+    from cli.merge_commands import jobs, merge, worker
     from cli.server_commands import db_app, server
 
     app.add_typer(alias_app, name="alias")
@@ -344,6 +364,9 @@ def _register_commands() -> None:
     app.command("who-runs")(who_runs)
     app.command()(check)
     app.add_typer(base_app, name="base")
+    app.command()(merge)
+    app.command()(jobs)
+    app.command()(worker)
     app.command()(server)
     app.add_typer(db_app, name="db")
 

@@ -47,12 +47,20 @@ def server(
     ),
     port: Annotated[int, typer.Option(envvar="LORA_REG_PORT", help="Port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            envvar="LORA_REG_EMBEDDED_WORKER",
+            help="Run one merge worker in this process (needs the [worker] extra).",
+        ),
+    ] = True,
 ) -> None:
     """Run the registry API server (migrates SQLite; checks PostgreSQL is migrated)."""
     with _server_side():
         from registry.server import serve
 
-        serve(host, port, log_level)
+        serve(host, port, log_level, embedded_worker=worker)
 
 
 @db_app.command("upgrade")

@@ -7,7 +7,9 @@ because several replicas racing to migrate a shared database at start-up is how 
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 from pydantic import ValidationError
 
@@ -50,7 +52,29 @@ def prepare_database(settings: Settings) -> None:
         )
 
 
-def serve(host: str, port: int, log_level: str = "info") -> None:
+def start_embedded_worker(host: str, port: int) -> threading.Event | None:
+    """One merge worker in a thread of this process, talking HTTP to this server like any other
+    worker (so `lora-reg merge` works with no second process). Needs the [worker] extra."""
+    try:
+        from cli.client import Registry
+        from worker.runner import Worker
+    except ImportError as exc:
+        print(
+            f"no embedded merge worker ({exc}): pip install 'lora-registry[worker]'",
+            file=sys.stderr,
+        )
+        return None
+    address = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+    stop = threading.Event()
+    client = Registry(url, os.environ.get("LORA_REG_WORKER_TOKEN"))
+    runner = Worker(client, name=f"embedded-{os.getpid()}", poll_s=1.0)
+    threading.Thread(target=runner.serve, args=(stop,), name="embedded-worker", daemon=True).start()
+    print(f"embedded merge worker {runner.name} started", file=sys.stderr)
+    return stop
+
+
+def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool = True) -> None:
     import uvicorn
 
     from registry.app import create_app
@@ -67,4 +91,9 @@ def serve(host: str, port: int, log_level: str = "info") -> None:
         f"(database {settings.database_url.split('@')[-1]}, storage {settings.storage_url})",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    stop = start_embedded_worker(host, port) if embedded_worker else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        if stop is not None:
+            stop.set()

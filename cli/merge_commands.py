@@ -1,0 +1,331 @@
+"""`lora-reg merge`, `lora-reg jobs` and `lora-reg worker`.
+
+`merge REF --base ID` queues a job on the server (a worker does the work; `--wait` follows it
+with a progress bar); `merge --local ADAPTER_DIR --base BASE_DIR -o OUT` runs the engine here,
+with no server. The engine and the worker need the `[worker]` extra (torch): they are imported
+inside the commands, so the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from registry.core.jobs import JobOut
+from rich.table import Table
+
+from cli.console import JsonOpt, emit_json, err, out, page_footer, registry, size, state, when
+from registry.core.errors import InvalidInput, error_from_code
+
+FINISHED = ("succeeded", "failed", "cancelled")
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the base's)."
+    ),
+]
+UntieOpt = Annotated[
+    bool,
+    typer.Option(
+        "--untie", help="Write a separate lm_head when the adapter touches tied embeddings."
+    ),
+]
+
+
+def _worker_extra() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        raise InvalidInput(
+            "this command runs the merge engine: pip install 'lora-registry[worker]'"
+        ) from None
+
+
+def merge(
+    ref: Annotated[
+        str | None, typer.Argument(help="Adapter version: ns/name, ns/name@7, ns/name@production.")
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model id[@rev] (default: the version's own base); a folder with --local.",
+        ),
+    ] = None,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="registry, dir:PATH (on the worker), s3://bucket/prefix, hub:ORG/REPO[@branch].",
+        ),
+    ] = "registry",
+    dtype: DtypeOpt = None,
+    untie: UntieOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Merge again even if the same merge already succeeded.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it finishes.")] = False,
+    local: Annotated[
+        Path | None,
+        typer.Option("--local", help="Merge this adapter folder here, with no server."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (with --local).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="With --local: auto, cpu or cuda.")
+    ] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge an adapter into its base model: as a job on the server, or --local."""
+    if local is not None:
+        _merge_local(local, base, output, dtype, untie, device, force, as_json)
+        return
+    if ref is None:
+        raise InvalidInput("give an adapter reference (ns/name@N), or --local ADAPTER_DIR")
+    if output is not None:
+        raise InvalidInput("-o is for --local merges; a server merge goes --to a target")
+    options = {"dtype": dtype, "untie": untie}
+    with registry() as client:
+        job = client.request_merge(ref, base=base, target=to, options=options, force=force)
+        if job.memoized:
+            err.print(
+                f"same merge already done by job {job.id}: returning its result (--force to redo)"
+            )
+        elif not as_json:
+            err.print(f"queued merge job {job.id}: {job.adapter} into {job.base} -> {job.target}")
+        if wait:
+            job = _follow(client, job)
+    if as_json:
+        emit_json(job)
+    else:
+        _print_job(job)
+    if job.status in ("failed", "cancelled") and wait:
+        code = job.error.code if job.error else "merge_failed"
+        message = job.error.message if job.error else f"the job was {job.status}"
+        raise error_from_code(code, f"job {job.id} {job.status}: {message}")
+
+
+def _follow(client: Any, job: JobOut) -> JobOut:
+    """Poll the job until it finishes, with a progress bar on a terminal."""
+    bar = None
+    if not state.quiet and sys.stderr.isatty():
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[tensors]}"),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        bar.start()
+        task = bar.add_task(f"merge {job.id[:8]}", total=None, tensors="")
+    try:
+        while job.status not in FINISHED:
+            time.sleep(0.5)
+            job = client.job(job.id)
+            if bar is not None and job.progress is not None:
+                p = job.progress
+                bar.update(
+                    task,
+                    description=f"merge {job.id[:8]} ({job.status})",
+                    completed=p.bytes_done,
+                    total=p.bytes_total or None,
+                    tensors=f"{p.tensors_done}/{p.tensors_total} tensors",
+                )
+    finally:
+        if bar is not None:
+            bar.stop()
+    return job
+
+
+def _merge_local(
+    adapter: Path,
+    base: str | None,
+    output: Path | None,
+    dtype: str | None,
+    untie: bool,
+    device: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    _worker_extra()
+    from worker.engine import MergeOptions, merge_to_folder
+
+    if base is None or output is None:
+        raise InvalidInput("--local needs --base BASE_DIR and -o OUTPUT_DIR")
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise InvalidInput(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    options = MergeOptions(dtype=dtype, untie=untie, device=device)
+    bar = None
+    callback = None
+    if not state.quiet and sys.stderr.isatty():
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("merging"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err
+        )
+        task = bar.add_task("merge", total=None)
+        bar.start()
+
+        def callback(p: Any) -> None:
+            bar.update(task, completed=p.bytes_done, total=p.bytes_total)
+
+    try:
+        result = merge_to_folder(
+            adapter, Path(base), output, force=force, options=options, progress=callback
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    if as_json:
+        emit_json(
+            {
+                "path": str(output),
+                "digest": result.digest,
+                "size": result.size,
+                "tensors_total": result.tensors_total,
+                "tensors_merged": result.tensors_merged,
+                "device": result.device,
+                "files": [vars(f) for f in result.files],
+                "warnings": [w.model_dump() for w in result.report.warnings],
+            }
+        )
+        return
+    for warning in result.report.warnings:
+        err.print(f"[yellow]warning[/yellow] ({warning.code}): {warning.message}", highlight=False)
+    out.print(
+        f"merged {adapter} into {base}: {result.tensors_merged} of {result.tensors_total} tensors "
+        f"changed, {size(result.size)} in {len(result.files)} files on {result.device}\n"
+        f"  -> {output} ({result.digest})"
+    )
+
+
+def _print_job(job: JobOut) -> None:
+    lines = [
+        f"job {job.id}: {job.status}" + (" (memoized)" if job.memoized else ""),
+        f"  adapter  {job.adapter} ({job.adapter_digest[:19]})",
+        f"  base     {job.base}",
+        f"  target   {job.target}",
+        f"  options  dtype={job.options.dtype or 'base'} untie={job.options.untie}",
+        f"  attempts {job.attempts}/{job.max_attempts}"
+        + (f" on {job.worker}" if job.worker else ""),
+    ]
+    if job.progress is not None and job.status == "running":
+        p = job.progress
+        lines.append(
+            f"  progress {p.tensors_done}/{p.tensors_total} tensors, "
+            f"{size(p.bytes_done)} of {size(p.bytes_total)}"
+        )
+    if job.result is not None:
+        lines.append(f"  output   {job.result.location} ({size(job.result.size)})")
+        if job.result.artifact:
+            lines.append(f"  artifact {job.result.artifact}")
+            lines.append(f"  pull it: lora-reg pull {job.result.artifact} -o DIR")
+    if job.error is not None:
+        lines.append(f"  error    ({job.error.code}) {job.error.message}")
+    out.print("\n".join(lines), highlight=False)
+
+
+def jobs(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Nothing (list), a job ID (show), or `cancel ID`.", show_default=False),
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="queued, running, succeeded, failed, cancelled.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500)] = 50,
+    offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge jobs: `lora-reg jobs`, `lora-reg jobs ID`, `lora-reg jobs cancel ID`."""
+    args = args or []
+    with registry() as client:
+        if args and args[0] == "cancel":
+            if len(args) != 2:
+                raise InvalidInput("usage: lora-reg jobs cancel ID")
+            job = client.cancel_job(args[1])
+            if as_json:
+                emit_json(job)
+            else:
+                _print_job(job)
+            return
+        if len(args) > 1:
+            raise InvalidInput("usage: lora-reg jobs [ID] | lora-reg jobs cancel ID")
+        if args:
+            job = client.job(args[0])
+            if as_json:
+                emit_json(job)
+            else:
+                _print_job(job)
+            return
+        page = client.jobs(status=status, limit=limit, offset=offset)
+    if as_json:
+        emit_json(page)
+        return
+    table = Table("id", "status", "adapter", "base", "target", "progress", "created")
+    for job in page.items:
+        p = job.progress
+        table.add_row(
+            job.id[:12],
+            job.status + (f" ({job.error.code})" if job.error else ""),
+            job.adapter,
+            job.base,
+            job.target,
+            f"{p.tensors_done}/{p.tensors_total}" if p else "-",
+            when(job.created_at),
+        )
+    out.print(table)
+    page_footer(page.total, page.offset, len(page.items), page.next_offset)
+
+
+def worker(
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=64, help="Jobs run at once.")
+    ] = 1,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Worker name (default host-pid).")
+    ] = None,
+    lease: Annotated[
+        int, typer.Option("--lease", min=5, max=3600, help="Lease seconds (renewed every third).")
+    ] = 60,
+    once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
+) -> None:
+    """Run a merge worker: claim jobs from the server, merge, publish, report."""
+    _worker_extra()
+    from worker.runner import Worker
+
+    with registry() as client:
+        runner = Worker(client, name=name, device=device, lease_s=lease)
+        err.print(f"worker {runner.name} ({device}) serving {state.url}")
+        if once:
+            worked = runner.run_once()
+            err.print("ran one job" if worked else "no job was queued")
+            return
+        stop = threading.Event()
+        try:
+            runner.serve(stop, concurrency)
+        except KeyboardInterrupt:
+            stop.set()

@@ -1,0 +1,302 @@
+"""Merge jobs end to end: `lora-reg merge` against real servers, real workers, real stores.
+
+A worker process (`lora-reg worker`) or the server's embedded worker claims the job, pulls the
+adapter and the stored base through the registry, merges and publishes. The result must be
+byte-identical to the same merge run locally, memoized, pullable, and survive a worker killed
+with SIGKILL mid-merge (the job requeues once the lease expires and another worker finishes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    BACKENDS,
+    ROOT,
+    RunningServer,
+    lora_reg_command,
+    run_cli,
+    server_environment,
+    start_server,
+    stop_server,
+    unique_name,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(params=BACKENDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_database: Callable[[], str]
+) -> Iterator[RunningServer]:
+    """A server of its own per test: workers claim the oldest queued job, so jobs left by other
+    tests on a shared server would be claimed first."""
+    backend = request.param
+    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    env, bucket = server_environment(backend, workdir, seaweed, pg_database)
+    if backend.startswith("postgres"):
+        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
+        assert migrate.returncode == 0, migrate.stderr
+    running = start_server(workdir, env, backend, bucket)
+    yield running
+    stop_server(running.process)
+
+
+@pytest.fixture
+def worker_process(
+    server: RunningServer, tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            **server.env,
+            "PYTHONPATH": str(ROOT),
+            "LORA_REG_URL": server.url,
+            "LORA_REG_CACHE_DIR": str(tmp_path / f"worker-cache-{len(started)}"),
+            "TMPDIR": str(tmp_path),
+        }
+        process = subprocess.Popen([*lora_reg_command(), "worker", *args], env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def _register(server: RunningServer, base: Path, adapter: Path, base_id: str) -> str:
+    name = unique_name()
+    added = server.cli("base", "add", base_id, "--from", str(base), "--upload")
+    assert added.returncode == 0, added.stderr
+    pushed = server.cli("push", str(adapter), name, "--base", base_id, "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    return f"{name}@{json.loads(pushed.stdout)['version']['number']}"
+
+
+def test_merge_job_to_the_registry_matches_a_local_merge_and_is_memoized(
+    server: RunningServer,
+    worker_process: Callable[..., subprocess.Popen[bytes]],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    ref = _register(server, base, adapter, "org/tiny-llama")
+    worker_process("--lease", "10")
+    merged = server.cli("merge", ref, "--base", "org/tiny-llama", "--wait", "--json", timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    job = json.loads(merged.stdout)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert job["progress"]["tensors_done"] == job["progress"]["tensors_total"] > 0
+    artifact = job["result"]["artifact"]
+    assert artifact and artifact.startswith("sha256:")
+
+    pulled = server.cli("pull", artifact, "-o", str(tmp_path / "pulled"))
+    assert pulled.returncode == 0, pulled.stderr
+
+    # The same merge run here, with the same provenance, gives the same bytes.
+    from worker.engine import merge_to_folder
+
+    version = json.loads(server.cli("show", ref, "--json").stdout)
+    merge_to_folder(
+        adapter,
+        base,
+        tmp_path / "local",
+        provenance={
+            "adapter": ref,
+            "adapter_digest": version["digest"],
+            "base": "org/tiny-llama",
+        },
+    )
+    assert _files(tmp_path / "pulled") == _files(tmp_path / "local")
+
+    again = server.cli("merge", ref, "--base", "org/tiny-llama", "--json")
+    assert again.returncode == 0, again.stderr
+    memo = json.loads(again.stdout)
+    assert memo["memoized"] is True and memo["id"] == job["id"]
+    assert memo["result"]["artifact"] == artifact
+
+    identified = server.cli("identify", str(tmp_path / "pulled"), "--json")
+    assert identified.returncode == 0, identified.stderr
+    assert artifact in identified.stdout
+
+
+def test_merge_job_to_a_folder_on_the_worker(
+    server: RunningServer,
+    worker_process: Callable[..., subprocess.Popen[bytes]],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    base, adapter = base_dir("gpt2"), adapter_dir("gpt2")
+    ref = _register(server, base, adapter, "org/tiny-gpt2")
+    worker_process("--once")
+    out = tmp_path / "published"
+    merged = server.cli(
+        "merge",
+        ref,
+        "--base",
+        "org/tiny-gpt2",
+        "--to",
+        f"dir:{out}",
+        "--wait",
+        "--json",
+        timeout=300,
+    )
+    assert merged.returncode == 0, merged.stderr
+    job = json.loads(merged.stdout)
+    assert job["result"]["location"] == str(out)
+    files = _files(out)
+    assert {f["path"] for f in job["result"]["files"]} == set(files)
+    assert "model.safetensors" in files and "config.json" in files
+    assert not list(tmp_path.glob(".published.partial-*"))
+
+
+def test_cancel_a_queued_job_and_list_jobs(
+    server: RunningServer, adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]
+) -> None:
+    ref = _register(server, base_dir("llama"), adapter_dir("llama"), "org/tiny-llama")
+    queued = server.cli("merge", ref, "--json")
+    assert queued.returncode == 0, queued.stderr
+    job = json.loads(queued.stdout)
+    assert job["status"] == "queued"
+    listed = server.cli("jobs", "--json")
+    assert job["id"] in listed.stdout
+    cancelled = server.cli("jobs", "cancel", job["id"], "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    shown = server.cli("jobs", job["id"])
+    assert "cancelled" in shown.stdout
+    again = server.cli("jobs", "cancel", job["id"])
+    assert again.returncode == 4 and "job_finished" in again.stderr
+
+
+# A worker whose base reads are slow and announce themselves: the test kills it mid-merge at a
+# point it can see, with no timing guesses.
+SLOW_WORKER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from cli.client import Registry
+from worker.runner import Worker
+from worker.sources import FolderSource
+
+class SlowSource(FolderSource):
+    def read_into(self, path, start, buffer):
+        super().read_into(path, start, buffer)
+        Path({marker!r}).write_text("reading")
+        time.sleep(0.5)
+
+class SlowWorker(Worker):
+    def _open_base(self, *args):
+        return SlowSource(super()._open_base(*args).root)
+
+worker = SlowWorker(Registry({url!r}), name="doomed", lease_s=5, work_dir=Path({work!r}))
+worker.run_once()
+"""
+
+
+def test_a_worker_killed_mid_merge_loses_nothing(
+    server: RunningServer,
+    worker_process: Callable[..., subprocess.Popen[bytes]],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama", seed=3)
+    ref = _register(server, base, adapter, "org/tiny-llama")
+    out = tmp_path / "published"
+    requested = server.cli("merge", ref, "--base", "org/tiny-llama", "--to", f"dir:{out}", "--json")
+    assert requested.returncode == 0, requested.stderr
+    job_id = json.loads(requested.stdout)["id"]
+
+    marker = tmp_path / "reading"
+    script = SLOW_WORKER.format(
+        root=str(ROOT), marker=str(marker), url=server.url, work=str(tmp_path / "doomed")
+    )
+    env = {**os.environ, **server.env, "LORA_REG_CACHE_DIR": str(tmp_path / "doomed-cache")}
+    doomed = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert doomed.poll() is None, "the slow worker ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=30)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    running = json.loads(server.cli("jobs", job_id, "--json").stdout)
+    assert running["status"] == "running" and running["worker"] == "doomed"
+    assert not out.exists()
+
+    worker_process("--name", "rescuer", "--lease", "10")
+    waited = server.cli(
+        "merge",
+        ref,
+        "--base",
+        "org/tiny-llama",
+        "--to",
+        f"dir:{out}",
+        "--wait",
+        "--json",
+        timeout=300,
+    )
+    assert waited.returncode == 0, waited.stderr
+    job = json.loads(waited.stdout)
+    assert job["id"] == job_id  # the same job, requeued and finished by the second worker
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2 and job["worker"] == "rescuer"
+
+    from worker.engine import merge_to_folder
+
+    version = json.loads(server.cli("show", ref, "--json").stdout)
+    merge_to_folder(
+        adapter,
+        base,
+        tmp_path / "uninterrupted",
+        provenance={"adapter": ref, "adapter_digest": version["digest"], "base": "org/tiny-llama"},
+    )
+    assert _files(out) == _files(tmp_path / "uninterrupted")
+
+
+def test_the_embedded_worker_merges_without_a_second_process(
+    tmp_path: Path,
+    pg_database: Callable[[], str],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    env["LORA_REG_EMBEDDED_WORKER"] = "true"
+    server = start_server(tmp_path, env, "sqlite-folder", bucket)
+    try:
+        ref = _register(server, base_dir("llama"), adapter_dir("llama"), "org/tiny-llama")
+        merged = server.cli("merge", ref, "--wait", "--json", timeout=300)
+        assert merged.returncode == 0, merged.stderr
+        job = json.loads(merged.stdout)
+        assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
+    finally:
+        stop_server(server.process)

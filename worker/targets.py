@@ -1,0 +1,246 @@
+"""Where a merge job's output goes, and how it gets there without a half-written result.
+
+Every target receives the merged folder as the engine writes it, file by file (`add`, called
+as each file completes, so uploads overlap the rest of the merge), and `publish` makes it
+visible only once everything is there:
+
+- `registry`: files become content-addressed blobs; the job's finish call records the artifact,
+  so it exists only when every blob does.
+- `dir:PATH`: the engine writes a staging folder beside PATH, renamed into place at the end.
+- `s3://bucket/prefix`: objects go under `prefix/.staging-<job>/`, are copied to their final
+  keys (shards first, config and index last) and the staging objects deleted.
+- `hub:org/repo[@branch]`: one Hub commit holding every file (`worker.hub`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from cli.client import Registry
+from registry.core.basemodel import CONFIG_JSON, INDEX_JSON
+from registry.core.errors import OutputExists, Unavailable
+from registry.core.jobs import Target
+from registry.core.manifest import FileEntry
+
+
+class Publisher(Protocol):
+    def staging(self, work: Path) -> Path:
+        """Where the engine writes the merged folder (a fresh, empty path)."""
+        ...
+
+    def add(self, path: Path, entry: FileEntry) -> None: ...
+
+    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+        """Make the output visible; returns its location."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class _Uploads:
+    """Uploads running beside the merge; `wait` re-raises the first failure."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="merge-upload")
+        self.futures: list[Future[Any]] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.futures.append(self.pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        for future in self.futures:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class RegistryTarget:
+    def __init__(self, client: Registry, job_id: str, worker: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.worker = worker
+        self.uploads = _Uploads()
+
+    def staging(self, work: Path) -> Path:
+        return work / "merged"
+
+    def add(self, path: Path, entry: FileEntry) -> None:
+        self.uploads.submit(self._upload, path, entry)
+
+    def _upload(self, path: Path, entry: FileEntry) -> None:
+        folder = path.parent if "/" not in entry.path else Path(str(path)[: -len(entry.path)])
+        self.client.upload_merged(self.job_id, folder, [entry], worker=self.worker)
+
+    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+        self.uploads.wait()
+        return "registry"
+
+    def abort(self) -> None:
+        self.uploads.abort()
+
+
+class DirTarget:
+    """The merged folder at PATH on the worker. An existing folder is never overwritten: if it
+    already holds exactly this merge (an earlier attempt finished), the job succeeds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def staging(self, work: Path) -> Path:
+        # Beside the final folder, so publishing is a rename on one filesystem.
+        return self.path.parent / f".{self.path.name}.partial-{work.name}"
+
+    def add(self, path: Path, entry: FileEntry) -> None:
+        pass
+
+    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+        if self.path.exists() and any(self.path.iterdir()):
+            if _folder_files(self.path) == sorted(files, key=lambda f: f.path):
+                return str(self.path)
+            raise OutputExists(
+                f"{self.path} already exists on the worker and holds something else; choose "
+                "another dir: target or remove it"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.rmdir()
+        folder.rename(self.path)
+        return str(self.path)
+
+    def abort(self) -> None:
+        pass
+
+
+class S3Target:
+    def __init__(self, bucket: str, prefix: str, job_id: str, client: Any | None = None) -> None:
+        if client is None:
+            from worker.s3 import s3_client
+
+            client = s3_client()
+        self.s3 = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.staged_root = f"{self.prefix}/.staging-{job_id}".lstrip("/")
+        self.uploads = _Uploads()
+        self.staged: list[str] = []
+
+    def _key(self, root: str, path: str) -> str:
+        return f"{root}/{path}" if root else path
+
+    def staging(self, work: Path) -> Path:
+        return work / "merged"
+
+    def add(self, path: Path, entry: FileEntry) -> None:
+        key = self._key(self.staged_root, entry.path)
+        self.staged.append(key)
+        self.uploads.submit(self._upload, path, key)
+
+    def _upload(self, path: Path, key: str) -> None:
+        try:
+            self.s3.upload_file(str(path), self.bucket, key)
+        except Exception as exc:
+            raise Unavailable(f"upload to s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+        self.uploads.wait()
+        # Readers look for config.json and the index: those land last.
+        last = (CONFIG_JSON, INDEX_JSON)
+        ordered = sorted(files, key=lambda f: (f.path in last, f.path))
+        try:
+            for entry in ordered:
+                self.s3.copy(
+                    {"Bucket": self.bucket, "Key": self._key(self.staged_root, entry.path)},
+                    self.bucket,
+                    self._key(self.prefix, entry.path),
+                )
+        except Exception as exc:
+            raise Unavailable(
+                f"publishing to s3://{self.bucket}/{self.prefix} failed: {exc}"
+            ) from exc
+        self.abort()
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def abort(self) -> None:
+        self.uploads.abort()
+        for key in self.staged:
+            # Best effort: staging objects are never read as output.
+            with contextlib.suppress(Exception):
+                self.s3.delete_object(Bucket=self.bucket, Key=key)
+        self.staged = []
+
+
+class HubTarget:
+    def __init__(self, repo: str, branch: str | None, message: str, description: str) -> None:
+        self.repo = repo
+        self.branch = branch
+        self.message = message
+        self.description = description
+
+    def staging(self, work: Path) -> Path:
+        return work / "merged"
+
+    def add(self, path: Path, entry: FileEntry) -> None:
+        pass
+
+    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+        from worker.hub import publish_to_hub
+
+        published = publish_to_hub(
+            folder,
+            self.repo,
+            branch=self.branch,
+            commit_message=self.message,
+            commit_description=self.description,
+        )
+        return published.commit_url or f"hub:{self.repo}"
+
+    def abort(self) -> None:
+        pass
+
+
+def make_target(
+    target: Target, *, client: Registry, job_id: str, worker: str, adapter: str, base: str
+) -> Publisher:
+    if target.kind == "registry":
+        return RegistryTarget(client, job_id, worker)
+    if target.kind == "dir":
+        assert target.path is not None
+        return DirTarget(Path(target.path))
+    if target.kind == "s3":
+        assert target.bucket is not None
+        return S3Target(target.bucket, target.prefix or "", job_id)
+    assert target.repo is not None
+    return HubTarget(
+        target.repo,
+        target.branch,
+        f"Merge LoRA adapter {adapter} into {base}",
+        f"Merged by lora-registry (job {job_id}): adapter {adapter}, base {base}.",
+    )
+
+
+def _folder_files(folder: Path) -> list[FileEntry]:
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+        entries.append(
+            FileEntry(path.relative_to(folder).as_posix(), path.stat().st_size, digest.hexdigest())
+        )
+    return entries
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
