@@ -300,3 +300,55 @@ def test_the_embedded_worker_merges_without_a_second_process(
         assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
     finally:
         stop_server(server.process)
+
+
+def test_a_base_on_s3_merged_to_an_s3_prefix(
+    server: RunningServer,
+    worker_process: Callable[..., subprocess.Popen[bytes]],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """The worker streams the base with ranged GETs from its S3 prefix and publishes the merge
+    under another prefix: complete objects only, no staging objects left."""
+    if not server.backend.endswith("s3"):
+        pytest.skip("needs the S3 backend")
+    from tests.conftest import s3_client
+
+    s3 = s3_client(server.env["AWS_ENDPOINT_URL"])
+    bucket = server.bucket
+    assert bucket is not None
+    base = base_dir("llama", max_shard_size="40KB")
+    for path in base.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"bases/tiny/{path.relative_to(base).as_posix()}")
+    adapter = adapter_dir("llama", seed=5)
+    name = unique_name()
+    added = server.cli("base", "add", "org/tiny-s3", "--from", f"s3://{bucket}/bases/tiny")
+    assert added.returncode == 0, added.stderr
+    pushed = server.cli("push", str(adapter), name, "--base", "org/tiny-s3", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    ref = f"{name}@1"
+    worker_process()
+    merged = server.cli(
+        "merge", ref, "--to", f"s3://{bucket}/merged/tiny", "--wait", "--json", timeout=300
+    )
+    assert merged.returncode == 0, merged.stderr
+    job = json.loads(merged.stdout)
+    assert job["result"]["location"] == f"s3://{bucket}/merged/tiny"
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="merged/")
+    keys = {item["Key"] for item in listed.get("Contents", [])}
+    assert keys == {f"merged/tiny/{f['path']}" for f in job["result"]["files"]}
+
+    from worker.engine import merge_to_folder
+
+    version = json.loads(server.cli("show", ref, "--json").stdout)
+    merge_to_folder(
+        adapter,
+        base,
+        tmp_path / "local",
+        provenance={"adapter": ref, "adapter_digest": version["digest"], "base": "org/tiny-s3"},
+    )
+    for path, data in _files(tmp_path / "local").items():
+        body = s3.get_object(Bucket=bucket, Key=f"merged/tiny/{path}")["Body"].read()
+        assert body == data, path
