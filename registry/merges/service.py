@@ -156,7 +156,7 @@ def _check_holder(job: MergeJob, worker: str) -> None:
     if job.status == "running" and job.worker == worker:
         return
     if job.status == "running":
-        why = f"it is running under worker {job.worker} now (the lease expired and it was requeued)"
+        why = f"worker {job.worker} holds it now"
     elif job.status == "queued":
         why = "it is queued again (the lease expired)"
     else:
@@ -164,7 +164,7 @@ def _check_holder(job: MergeJob, worker: str) -> None:
     raise LeaseLost(
         f"worker {worker} no longer holds merge job {job.id}: {why}; drop it",
         job=job.id,
-        status=job.status,
+        job_status=job.status,
     )
 
 
@@ -306,7 +306,7 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
         raise JobFinished(
             f"merge job {job.id} has already finished ({job.status}); it cannot be cancelled",
             job=job.id,
-            status=job.status,
+            job_status=job.status,
         )
     if job.status == "queued":
         job.status = "cancelled"
