@@ -218,7 +218,7 @@ def identify(
 
 def _print_identity(path: str, result: IdentifyOut) -> None:
     if result.status == "unknown":
-        out.print(f"{path}: [red]unknown[/red]: no registry version shares a file with it")
+        out.print(f"{path}: [red]unknown[/red]: no registry version or merge shares a file with it")
         return
     for match in result.matches:
         ref = f"{match.adapter}@{match.version}"
@@ -241,6 +241,22 @@ def _print_identity(path: str, result: IdentifyOut) -> None:
                     out.print(f"  {label}: {', '.join(paths)}")
         if lineage:
             out.print(f"  lineage: {lineage}")
+    for merged in result.merged:
+        what = f"the merge of {merged.adapter} into {merged.base} {merged.digest}"
+        where = "" if merged.stored else f" (published to {merged.location})"
+        if result.status == "exact":
+            out.print(f"{path}: [green]exactly[/green] {what}{where}")
+        elif result.status == "file":
+            out.print(f"{path}: file {', '.join(merged.identical)} of {what}{where}")
+        else:
+            out.print(f"{path}: [yellow]modified[/yellow]: closest {what}{where}")
+            for label, paths in (
+                ("differ", merged.differing),
+                ("missing", merged.missing),
+                ("not in the merge", merged.extra),
+            ):
+                if paths:
+                    out.print(f"  {label}: {', '.join(paths)}")
 
 
 def yank(

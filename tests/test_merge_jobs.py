@@ -258,6 +258,18 @@ def test_request_claim_heartbeat_finish_into_the_registry(
     with pytest.raises(ArtifactNotFound):
         client.artifact("sha256:" + "0" * 64)
 
+    # identify recognises the merged checkpoint, whole, changed, or one file of it.
+    exact = client.identify(out)
+    assert exact.status == "exact" and exact.matches == []
+    assert [(m.digest, m.adapter, m.job_id) for m in exact.merged] == [
+        (digest, adapter_ref, job.id)
+    ]
+    (out / "notes.txt").write_text("local notes")
+    changed = client.identify(out)
+    assert changed.status == "modified" and changed.merged[0].extra == ["notes.txt"]
+    single = client.identify(out / entries[0].path)
+    assert single.status == "file" and single.merged[0].identical == [entries[0].path]
+
     log = actions(client, adapter_ref)
     for action in ("merge.requested", "merge.started", "merge.succeeded"):
         assert log.count(action) == 1, log

@@ -31,6 +31,7 @@ from registry.core.schemas import (
     AuditEventOut,
     IdentifyMatch,
     IdentifyOut,
+    MergedMatch,
     Page,
     make_page,
 )
@@ -40,6 +41,8 @@ from registry.models import (
     Alias,
     AliasMove,
     AuditEvent,
+    MergedArtifact,
+    MergedArtifactFile,
     VersionFile,
     as_utc,
 )
@@ -374,8 +377,9 @@ MAX_CANDIDATES = 5
 
 
 def identify(session: Session, entries: list[FileEntry]) -> IdentifyOut:
-    """Which version(s) these files are: exactly (same manifest digest), or the closest ones
-    (most files in common) with the files that differ; a single file is looked up by content."""
+    """Which version(s) or merged checkpoint(s) these files are: exactly (same manifest digest),
+    or the closest ones (most files in common) with the files that differ; a single file is
+    looked up by content."""
     digest = manifest_digest(entries)
     exact = session.exec(
         select(AdapterVersion)
@@ -383,29 +387,89 @@ def identify(session: Session, entries: list[FileEntry]) -> IdentifyOut:
         .order_by(col(AdapterVersion.id).desc())  # newest first
         .limit(MAX_CANDIDATES)
     ).all()
-    if exact:
+    exact_merged = session.exec(
+        select(MergedArtifact).where(MergedArtifact.digest == digest).limit(MAX_CANDIDATES)
+    ).all()
+    if exact or exact_merged:
         return IdentifyOut(
-            status="exact", digest=digest, matches=[_match(session, v, entries) for v in exact]
+            status="exact",
+            digest=digest,
+            matches=[_match(session, v, entries) for v in exact],
+            merged=[_merged_match(session, a, entries) for a in exact_merged],
         )
-    if len(entries) == 1:  # one file: by content, wherever it sits in a version
-        matching = col(VersionFile.sha256) == entries[0].sha256
+    versions = [
+        session.get(AdapterVersion, version_id)
+        for version_id in _closest(session, VersionFile, col(VersionFile.version_id), entries)
+    ]
+    matches = [_match(session, v, entries) for v in versions if v is not None]
+    artifacts = [
+        session.get(MergedArtifact, artifact_id)
+        for artifact_id in _closest(
+            session, MergedArtifactFile, col(MergedArtifactFile.artifact_id), entries
+        )
+    ]
+    merged = [_merged_match(session, a, entries) for a in artifacts if a is not None]
+    status: Literal["modified", "file", "unknown"] = "unknown"
+    if matches or merged:
+        status = "file" if len(entries) == 1 else "modified"
+    return IdentifyOut(status=status, digest=digest, matches=matches, merged=merged)
+
+
+def _closest(session: Session, table: Any, owner: Any, entries: list[FileEntry]) -> list[Any]:
+    """The owners (versions, artifacts) sharing most files with `entries`, most first."""
+    if len(entries) == 1:  # one file: by content, wherever it sits
+        matching = col(table.sha256) == entries[0].sha256
     else:  # the same file at the same path
-        matching = sa.tuple_(col(VersionFile.path), col(VersionFile.sha256)).in_(
+        matching = sa.tuple_(col(table.path), col(table.sha256)).in_(
             [(entry.path, entry.sha256) for entry in entries]
         )
     shared = session.execute(
-        sa.select(col(VersionFile.version_id), sa.func.count())
+        sa.select(owner, sa.func.count())
         .where(matching)
-        .group_by(col(VersionFile.version_id))
-        .order_by(sa.func.count().desc(), col(VersionFile.version_id).desc())
+        .group_by(owner)
+        .order_by(sa.func.count().desc(), owner.desc())
         .limit(MAX_CANDIDATES)
     ).all()
-    versions = [session.get(AdapterVersion, version_id) for version_id, _ in shared]
-    matches = [_match(session, v, entries) for v in versions if v is not None]
-    status: Literal["modified", "file", "unknown"] = "unknown"
-    if matches:
-        status = "file" if len(entries) == 1 else "modified"
-    return IdentifyOut(status=status, digest=digest, matches=matches)
+    return [owner_id for owner_id, _ in shared]
+
+
+def _compare(stored: dict[str, str], entries: list[FileEntry]) -> dict[str, list[str]]:
+    """identical / differing / missing / extra paths of `entries` against stored path -> sha."""
+    local = {entry.path: entry.sha256 for entry in entries}
+    if len(entries) == 1:  # a single file: compare by content, wherever it sits
+        (sha,) = local.values()
+        local = {path: sha for path, stored_sha in stored.items() if stored_sha == sha} or local
+    return {
+        "identical": sorted(p for p in local if stored.get(p) == local[p]),
+        "differing": sorted(p for p in local if p in stored and stored[p] != local[p]),
+        "missing": sorted(p for p in stored if p not in local),
+        "extra": sorted(p for p in local if p not in stored),
+    }
+
+
+def _merged_match(
+    session: Session, artifact: MergedArtifact, entries: list[FileEntry]
+) -> MergedMatch:
+    version = session.get(AdapterVersion, artifact.adapter_version_id)
+    adapter = session.get(Adapter, version.adapter_id) if version else None
+    stored = {
+        f.path: f.sha256
+        for f in session.exec(
+            select(MergedArtifactFile).where(MergedArtifactFile.artifact_id == artifact.id)
+        )
+    }
+    revision = artifact.base_revision
+    return MergedMatch(
+        digest=artifact.digest,
+        adapter=f"{_adapter_label(adapter)}@{version.number}" if adapter and version else "?",
+        adapter_digest=artifact.adapter_digest,
+        base=f"{artifact.base_id}@{revision}" if revision else artifact.base_id,
+        options=artifact.options,
+        job_id=artifact.job_id,
+        location=artifact.location,
+        stored=artifact.stored,
+        **_compare(stored, entries),
+    )
 
 
 def _match(session: Session, version: AdapterVersion, entries: list[FileEntry]) -> IdentifyMatch:
@@ -415,10 +479,6 @@ def _match(session: Session, version: AdapterVersion, entries: list[FileEntry]) 
         f.path: f.sha256
         for f in session.exec(select(VersionFile).where(VersionFile.version_id == version.id))
     }
-    local = {entry.path: entry.sha256 for entry in entries}
-    if len(entries) == 1:  # a single file: compare by content, wherever it sits in the version
-        (sha,) = local.values()
-        local = {path: sha for path, stored_sha in stored.items() if stored_sha == sha} or local
     names = session.exec(
         select(Alias.name).where(Alias.version_id == version.id).order_by(col(Alias.name))
     ).all()
@@ -428,9 +488,6 @@ def _match(session: Session, version: AdapterVersion, entries: list[FileEntry]) 
         digest=version.digest,
         lineage=version.lineage,
         aliases=list(names),
-        identical=sorted(p for p in local if stored.get(p) == local[p]),
-        differing=sorted(p for p in local if p in stored and stored[p] != local[p]),
-        missing=sorted(p for p in stored if p not in local),
-        extra=sorted(p for p in local if p not in stored),
+        **_compare(stored, entries),
         yanked=version.yanked_at is not None,
     )

@@ -323,13 +323,32 @@ class IdentifyMatch(BaseModel):
     yanked: bool = False  # the version must not be used
 
 
+class MergedMatch(BaseModel):
+    """A merged checkpoint (a merge job's output) that shares files with what was identified."""
+
+    digest: str  # the artifact's manifest digest (lora-reg pull sha256:...)
+    adapter: str  # ns/name@N that was merged
+    adapter_digest: str
+    base: str  # id[@revision] it was merged into
+    options: dict[str, Any]
+    job_id: str
+    location: str  # where it was published
+    stored: bool  # its bytes are in this registry
+    identical: list[str]
+    differing: list[str]
+    missing: list[str]
+    extra: list[str]
+
+
 class IdentifyOut(BaseModel):
-    """`exact`: the files are exactly a version; `modified`: closest versions and what differs;
-    `file`: a single file found in versions; `unknown`: nothing in the registry shares a byte."""
+    """`exact`: the files are exactly a version or a merged artifact; `modified`: closest ones and
+    what differs; `file`: a single file found in them; `unknown`: nothing in the registry shares
+    a byte. Adapter versions are in `matches`, merged checkpoints in `merged`."""
 
     status: Literal["exact", "modified", "file", "unknown"]
     digest: str  # of the files as a manifest
     matches: list[IdentifyMatch]
+    merged: list[MergedMatch] = Field(default_factory=list)
 
 
 class CheckRequest(BaseModel):
