@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -490,17 +491,30 @@ def test_expired_leases_requeue_until_attempts_run_out(client: Registry, adapter
     assert log.count("merge.started") == MAX_ATTEMPTS
 
 
-def test_a_cancelled_job_whose_worker_died_ends_cancelled(
-    client: Registry, adapter_ref: str
+def test_cancelling_jobs_whose_worker_died(
+    client: Registry, adapter_ref: str, tmp_path: Path
 ) -> None:
-    job = client.request_merge(adapter_ref)
-    claim_only(client, "worker-a", job, lease_s=LEASE_S)
-    client.cancel_job(job.id)
+    first = client.request_merge(adapter_ref, target=f"dir:{tmp_path}/a")
+    second = client.request_merge(adapter_ref, target=f"dir:{tmp_path}/b")
+    claim_only(client, "worker-a", first, lease_s=LEASE_S)
+    held = claim_only(client, "worker-b", second, lease_s=LEASE_S)
+    assert client.cancel_job(first.id).cancel_requested  # worker-a is told... and never answers
+
+    # Once worker-b's lease has run out, a cancel ends its job at once, with no claim between.
+    assert held.lease_expires_at is not None
     deadline = time.monotonic() + 60
-    while client.job(job.id).status == "running" and time.monotonic() < deadline:
-        assert client.claim_job("worker-b", lease_s=LEASE_S) is None  # never requeued
+    while datetime.now(UTC) <= held.lease_expires_at + timedelta(seconds=0.5):
+        assert time.monotonic() < deadline
         time.sleep(0.25)
-    assert client.job(job.id).status == "cancelled"
+    ended = client.cancel_job(second.id)
+    assert (ended.status, ended.worker) == ("cancelled", None)
+
+    # The first job is never requeued: the claim that finds its lease expired cancels it.
+    while client.job(first.id).status == "running" and time.monotonic() < deadline:
+        assert client.claim_job("worker-c", lease_s=LEASE_S) is None
+        time.sleep(0.25)
+    assert client.job(first.id).status == "cancelled"
+    assert actions(client, adapter_ref).count("merge.cancelled") == 2
 
 
 def test_concurrent_claims_give_every_job_to_exactly_one_worker(

@@ -299,8 +299,8 @@ def get_job(session: Session, job_id: str) -> JobOut:
 
 
 def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
-    """Queued: cancelled at once. Running: the worker is told (heartbeat) and finishes it as
-    cancelled. Finished: refused."""
+    """Queued (or running under a lease that ran out): cancelled at once. Running: the worker is
+    told (heartbeat) and finishes it as cancelled. Finished: refused."""
     job = _get_job(session, job_id, lock=True)
     if job.status in FINISHED:
         raise JobFinished(
@@ -308,13 +308,17 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
             job=job.id,
             job_status=job.status,
         )
-    if job.status == "queued":
+    now = utcnow()
+    lapsed = job.lease_expires_at is not None and as_utc(job.lease_expires_at) < now
+    if job.status == "queued" or lapsed:  # a worker whose lease ran out is presumed gone
+        was = job.status
         job.status = "cancelled"
-        job.finished_at = utcnow()
+        job.finished_at = now
         job.error = JobError(
             code="cancelled", message=f"cancelled by {actor or 'a user'}"
         ).model_dump()
-        _audit(session, job, "merge.cancelled", actor, was="queued")
+        job.worker, job.lease_expires_at = None, None
+        _audit(session, job, "merge.cancelled", actor, was=was)
     elif not job.cancel_requested:
         job.cancel_requested = True
         _audit(session, job, "merge.cancel_requested", actor, worker=job.worker)
