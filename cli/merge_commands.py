@@ -8,6 +8,7 @@ inside the commands, so the rest of the CLI works without it.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 import time
@@ -39,12 +40,10 @@ UntieOpt = Annotated[
 
 
 def _worker_extra() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the installed extras
+    if importlib.util.find_spec("torch") is None:  # pragma: no cover - depends on the extras
         raise InvalidInput(
             "this command runs the merge engine: pip install 'lora-registry[worker]'"
-        ) from None
+        )
 
 
 def merge(

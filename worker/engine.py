@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -340,6 +341,7 @@ class _Pipeline:
         self.to_compute: queue.Queue[Any] = queue.Queue()
         self.to_write: queue.Queue[Any] = queue.Queue()
         self.errors: list[BaseException] = []
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _cost(self, plan: TensorPlan) -> int:
         source = self._source_nbytes(plan)
@@ -483,12 +485,8 @@ class _Pipeline:
             key, indices = plan.tokens
             index = torch.tensor(indices, dtype=torch.long)
             target.copy_(target.index_copy(0, index, self._adapter(key).to(target.dtype)))
-        if not torch.isfinite(target).all():
-            raise NonFiniteResult(
-                f"merging produced NaN or inf in {plan.key}: check the adapter's tensors for "
-                f"{plan.key} (lora_A/lora_B/bias) for non-finite values",
-                tensor=plan.key,
-            )
+        if plan.replace or plan.bias or plan.tokens or (plan.lora and plan.lora.magnitude):
+            _check_finite(target, plan.key)  # LoRA blocks were checked as they were computed
         return result
 
     def _adapter(self, key: str) -> torch.Tensor:
@@ -505,22 +503,48 @@ class _Pipeline:
             target.copy_(self._dora_transposed(weight, a, b, lora.scale, lora.magnitude, lora.kind))
             return
         magnitude = self._adapter(lora.magnitude).to(dev, torch.float32) if lora.magnitude else None
-        rows = weight.shape[0]
-        step = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+        # A power-of-two scale is exact whichever factor it multiplies: fold it into B (small)
+        # instead of a pass over every block. Otherwise scale each block as PEFT does.
+        folded = lora.kind != "embedding" and math.frexp(lora.scale)[0] == 0.5
+        if folded:
+            b = b * lora.scale
+        rows, width = weight.shape[0], weight.shape[1]
+        step = max(1, BLOCK_ELEMENTS // max(1, width))
+        delta_space, base_space = self._workspaces(step * width)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            w = weight[start:stop].to(dev, torch.float32)
+            count = (stop - start) * width
+            # Reused float32 blocks: fresh allocations would page-fault on every block.
             if lora.kind == "linear":
-                delta = (b[start:stop] @ a) * lora.scale
-            elif lora.kind == "conv1d":  # W is (in, out): rows are columns of B·A
-                delta = (b @ a[:, start:stop]).T * lora.scale
-            else:  # embedding (vocab, dim); PEFT rounds ΔW to the weight's dtype first
-                delta = ((b @ a[:, start:stop]).T * lora.scale).to(weight.dtype).float()
-            merged = w + delta
+                delta = delta_space[:count].view(stop - start, width)
+                torch.matmul(b[start:stop], a, out=delta)
+            else:  # conv1d (in, out) and embedding (vocab, dim): rows are columns of B·A
+                delta = delta_space[:count].view(width, stop - start)
+                torch.matmul(b, a[:, start:stop], out=delta)
+                delta = delta.T
+            if not folded:
+                delta.mul_(lora.scale)
+            if lora.kind == "embedding":  # PEFT rounds ΔW to the weight's dtype first
+                delta.copy_(delta.to(weight.dtype))
+            base = base_space[:count].view(stop - start, width)
+            base.copy_(weight[start:stop])  # upcast (on the device, when there is one)
+            merged = delta.add_(base)  # ΔW + W: the same float32 sum as PEFT's W + ΔW
             if magnitude is not None:  # DoRA: rows rescaled to the trained magnitude
                 norm = torch.linalg.norm(merged, dim=1)
                 merged = (magnitude[start:stop] / norm).view(-1, 1) * merged
-            target[start:stop].copy_(merged.to(target.dtype))
+            _check_finite(merged, plan.key)
+            if merged.device != target.device:
+                merged = merged.to(target.dtype).to(target.device)
+            target[start:stop].copy_(merged)
+
+    def _workspaces(self, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two float32 scratch blocks on the device, grown on demand and reused."""
+        if self._scratch is None or self._scratch[0].numel() < elements:
+            self._scratch = (
+                torch.empty(elements, dtype=torch.float32, device=self.device),
+                torch.empty(elements, dtype=torch.float32, device=self.device),
+            )
+        return self._scratch
 
     def _dora_transposed(
         self,
@@ -541,6 +565,19 @@ class _Pipeline:
         factor = (magnitude / norm).view(-1, 1).T
         result: torch.Tensor = (factor * (w + delta)).to("cpu")
         return result
+
+
+def _check_finite(values: torch.Tensor, key: str) -> None:
+    """NaN/inf in a merged tensor is an error naming it. One fast reduction first: a finite
+    sum proves every value finite; only a non-finite sum pays for the element-wise check."""
+    total = values.sum(dtype=torch.float32) if values.dtype != torch.float64 else values.sum()
+    if torch.isfinite(total) or torch.isfinite(values).all():
+        return
+    raise NonFiniteResult(
+        f"merging produced NaN or inf in {key}: the adapter's tensors for it (lora_A, lora_B, "
+        "magnitude, bias or saved weights) hold non-finite values; retrain or re-save the adapter",
+        tensor=key,
+    )
 
 
 def _view(buffer: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
