@@ -430,3 +430,55 @@ def test_publish_to_the_live_hub(tmp_path: Path) -> None:
             repo, name, revision=published.commit_oid, cache_dir=tmp_path / "cache"
         )
         assert Path(path).read_bytes() == (folder / name).read_bytes()
+
+
+def test_a_merge_job_published_to_the_hub_is_one_private_commit_of_the_merged_folder(
+    hub: FakeHub,
+    tmp_path: Path,
+    pg_database: Any,
+    adapter_dir: Any,
+    base_dir: Any,
+) -> None:
+    """A real server and an in-process worker; only the Hub is fake (at its API boundary)."""
+    import json
+
+    from cli.client import Registry
+    from tests.conftest import server_environment, start_server, stop_server, unique_name
+    from worker.engine import merge_to_folder
+    from worker.runner import Worker
+
+    env, _ = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    server = start_server(tmp_path, env, "sqlite-folder")
+    try:
+        base, adapter = base_dir("llama"), adapter_dir("llama", seed=7)
+        name = unique_name()
+        assert (
+            server.cli("base", "add", "org/tiny", "--from", str(base), "--upload").returncode == 0
+        )
+        pushed = server.cli("push", str(adapter), name, "--base", "org/tiny", "--json")
+        assert pushed.returncode == 0, pushed.stderr
+        digest = json.loads(pushed.stdout)["version"]["digest"]
+        with Registry(server.url, cache_dir=tmp_path / "worker-cache") as client:
+            job = client.request_merge(f"{name}@1", target="hub:acme/tiny-merged@release")
+            worker = Worker(client, name="hub-worker", work_dir=tmp_path / "work")
+            assert worker.run_once()
+            done = client.job(job.id)
+        assert done.status == "succeeded", done.error
+        assert done.result is not None and done.result.location.endswith(f"/commit/{SHA}")
+    finally:
+        stop_server(server.process)
+
+    assert hub.names() == ["create_repo", "create_branch", "create_commit"]
+    assert hub.call("create_repo")["repo_id"] == "acme/tiny-merged"
+    assert hub.call("create_repo")["private"] is True
+    commit = hub.call("create_commit")
+    assert commit["revision"] == "release"
+    assert name in commit["commit_message"] and "org/tiny" in commit["commit_message"]
+    local = merge_to_folder(
+        adapter,
+        base,
+        tmp_path / "local",
+        provenance={"adapter": f"{name}@1", "adapter_digest": digest, "base": "org/tiny"},
+    )
+    assert commit["files"] == folder_bytes(tmp_path / "local")
+    assert sorted(commit["files"]) == sorted(f.path for f in local.files)
