@@ -10,6 +10,7 @@ when the lease expires and runs again from the start on another worker.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -68,10 +69,16 @@ class Worker:
         self.cache_dir = Path(cache_dir or default_cache_dir())
 
     def serve(self, stop: threading.Event, concurrency: int = 1) -> None:
-        """Claim and run jobs until `stop` is set, `concurrency` at a time."""
+        """Claim and run jobs until `stop` is set, `concurrency` at a time (each slot claims
+        under a name of its own, so the server never confuses two of them)."""
+        slots = [self] if concurrency == 1 else []
+        for i in range(len(slots), concurrency):
+            slot = copy.copy(self)
+            slot.name = f"{self.name}/{i}"
+            slots.append(slot)
         threads = [
-            threading.Thread(target=self._loop, args=(stop,), name=f"merge-worker-{i}")
-            for i in range(concurrency)
+            threading.Thread(target=slot._loop, args=(stop,), name=f"merge-worker-{i}")
+            for i, slot in enumerate(slots)
         ]
         for thread in threads:
             thread.start()
