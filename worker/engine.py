@@ -7,7 +7,7 @@ and dtypes are known from the plan) and then streams tensor data through three s
     reader thread  --(tensor bytes)-->  compute (this thread)  --(bytes)-->  writer thread
     ranged reads of the next tensors    float32 on the device            writes + sha256
 
-A byte budget of two of the largest tensors bounds what is in flight, so peak memory depends
+A byte budget of 1.5x the largest tensor bounds what is in flight, so peak memory depends
 on the largest tensor, not on the model; merged tensors are computed in row blocks and written
 back into their input buffer. The math is PEFT's `merge_and_unload` (PEFT_FORMAT.md §3), in the
 same float32 order, so CPU output is bit-identical to PEFT's. Same inputs give byte-identical
@@ -336,8 +336,10 @@ class _Pipeline:
         self.progress = progress
         self.cancelled = cancelled
         self.items = [plan for plans in shards.values() for plan in plans]
+        # In flight at once: the largest tensor plus half as much again (at least 64 MiB), so
+        # reading, compute and writing overlap while peak memory stays ~1.5x the largest tensor.
         largest = max((self._cost(p) for p in self.items), default=0)
-        self.budget = _Budget(2 * largest)
+        self.budget = _Budget(largest + max(largest // 2, 64 << 20))
         self.to_compute: queue.Queue[Any] = queue.Queue()
         self.to_write: queue.Queue[Any] = queue.Queue()
         self.errors: list[BaseException] = []
@@ -536,6 +538,8 @@ class _Pipeline:
             if merged.device != target.device:
                 merged = merged.to(target.dtype).to(target.device)
             target[start:stop].copy_(merged)
+            if target.dtype == torch.float16:  # a finite float32 can overflow float16
+                _check_finite(target[start:stop], plan.key)
 
     def _workspaces(self, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two float32 scratch blocks on the device, grown on demand and reused."""
