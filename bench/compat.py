@@ -238,19 +238,19 @@ def describe_adapter(adapter_dir: Path) -> Checkpoint:
     return Checkpoint(files, [ADAPTER_WEIGHTS], sum(files.values()), headers)
 
 
-def prepare(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    """Build (or find) the base and the adapter; what was built, where, and how long it took."""
+def build_or_reuse(
+    cache: Path, key: str, base: tuple[dict[str, Any], str] | Path
+) -> dict[str, Any]:
+    """The base `bench/KEY` and an adapter for it, built where they are not there yet; what was
+    built, where, and how long it took. `base` is a (config, max_shard_size) to build from, into
+    `cache/base-KEY`, or an existing base folder. The adapter is `cache/adapter-KEY-rRANK`:
+    benchmarks given the same cache and key share both."""
     built: dict[str, Any] = {}
-    if args.base_dir is not None:
-        base_dir = args.base_dir.resolve()
-        if not (base_dir / CONFIG_JSON).is_file():
-            raise SystemExit(f"--base-dir {base_dir} has no {CONFIG_JSON}")
-        key = f"base-{hashlib.sha256((base_dir / CONFIG_JSON).read_bytes()).hexdigest()[:12]}"
-        base_id, shape = f"bench/{key}", None
+    shape = max_shard_size = None
+    if isinstance(base, Path):
+        base_dir = base
     else:
-        key = "llama-small" if args.small else "llama-1.1b"
-        shape, max_shard_size = SHAPES[key]
-        base_id, base_dir = f"bench/{key}", cache / f"base-{key}"
+        (shape, max_shard_size), base_dir = base, cache / f"base-{key}"
         if base_dir.is_dir():
             log(f"reusing the base in {base_dir}")
         else:
@@ -258,7 +258,7 @@ def prepare(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
             started = time.perf_counter()
             build_base(base_dir, shape, max_shard_size)
             built["base_s"] = time.perf_counter() - started
-    adapter_dir = cache / f"adapter-{key}-r{RANK}"
+    base_id, adapter_dir = f"bench/{key}", cache / f"adapter-{key}-r{RANK}"
     if adapter_dir.is_dir():
         log(f"reusing the adapter in {adapter_dir}")
     else:
@@ -272,8 +272,21 @@ def prepare(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
         "base_dir": base_dir,
         "adapter_dir": adapter_dir,
         "shape": shape,
+        "max_shard_size": max_shard_size,
         "built_s": built,
     }
+
+
+def prepare(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    """Build (or find) the base and the adapter; what was built, where, and how long it took."""
+    if args.base_dir is None:
+        key = "llama-small" if args.small else "llama-1.1b"
+        return build_or_reuse(cache, key, SHAPES[key])
+    base_dir = args.base_dir.resolve()
+    if not (base_dir / CONFIG_JSON).is_file():
+        raise SystemExit(f"--base-dir {base_dir} has no {CONFIG_JSON}")
+    key = f"base-{hashlib.sha256((base_dir / CONFIG_JSON).read_bytes()).hexdigest()[:12]}"
+    return build_or_reuse(cache, key, base_dir)
 
 
 # --- the reference: transformers and PEFT, in a child process -------------------------------------
@@ -294,10 +307,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def current_rss() -> int | None:
+def proc_status(key: str, pid: int | str = "self") -> int | None:
+    """A memory field of `/proc/PID/status` (VmRSS, VmHWM...) in bytes; None where unreadable."""
     with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     return None
 
@@ -312,10 +326,10 @@ def reference_load(base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
     imported = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
     returned = time.perf_counter()
-    rss_returned = current_rss()
+    rss_returned = proc_status("VmRSS")
     base_bytes = read_every_page(model.parameters())
     loaded = time.perf_counter()
-    rss_loaded, peak_loaded = current_rss(), peak_rss()
+    rss_loaded, peak_loaded = proc_status("VmRSS"), peak_rss()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         peft_model = PeftModel.from_pretrained(model, adapter_dir)

@@ -65,12 +65,13 @@ from bench.compat import (
     INDEX_JSON,
     RANK,
     SHAPES,
-    build_adapter,
-    build_base,
+    build_or_reuse,
     describe_adapter,
     describe_base,
     fmt_bytes,
     log,
+    peak_rss,
+    proc_status,
 )
 
 if TYPE_CHECKING:
@@ -119,22 +120,36 @@ CHILD_ENV = {
 # --- the children ------------------------------------------------------------------------------
 
 
-def proc_status(key: str) -> int | None:
-    """A `/proc/self/status` memory field (VmRSS, VmHWM...) in bytes; None where unreadable."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def peak_rss_self() -> int:
     """This process's peak resident set size so far, in bytes."""
-    return proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return proc_status("VmHWM") or peak_rss()
 
 
 def cuda_peak(torch: Any, device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
+
+
+def step_result(
+    started: float,
+    imported: float,
+    done: float,
+    rss_imports: int | None,
+    peak: int,
+    **phases: float,
+) -> dict[str, Any]:
+    """What every child reports, once its output is flushed to disk (`os.sync()`): imports_s,
+    the step's `phases`, op_s (the step until `done`), wall_s (the step and the sync),
+    rss_after_imports and peak_rss."""
+    os.sync()
+    synced = time.perf_counter()
+    return {
+        "imports_s": imported - started,
+        **phases,
+        "op_s": done - imported,
+        "wall_s": synced - imported,
+        "rss_after_imports": rss_imports,
+        "peak_rss": peak,
+    }
 
 
 def child_ours(base: Path, adapter: Path, out: Path, device: str) -> dict[str, Any]:
@@ -148,14 +163,8 @@ def child_ours(base: Path, adapter: Path, out: Path, device: str) -> dict[str, A
     rss_imports = proc_status("VmRSS")
     result = merge_to_folder(adapter, base, out, options=MergeOptions(device=device))
     merged = time.perf_counter()
-    os.sync()
-    synced = time.perf_counter()
     return {
-        "imports_s": imported - started,
-        "op_s": merged - imported,
-        "wall_s": synced - imported,
-        "rss_after_imports": rss_imports,
-        "peak_rss": peak_rss_self(),
+        **step_result(started, imported, merged, rss_imports, peak_rss_self()),
         "cuda_peak_allocated": cuda_peak(torch, result.device),
         "device": result.device,
         "files": len(result.files),
@@ -187,17 +196,13 @@ def child_peft(
     merged = time.perf_counter()
     merged_model.save_pretrained(out, max_shard_size=max_shard_size)
     saved = time.perf_counter()
-    os.sync()
-    synced = time.perf_counter()
-    return {
-        "imports_s": imported - started,
+    phases = {
         "from_pretrained_s": loaded - imported,
         "peft_and_merge_s": merged - loaded,
         "save_s": saved - merged,
-        "op_s": saved - imported,
-        "wall_s": synced - imported,
-        "rss_after_imports": rss_imports,
-        "peak_rss": peak_rss_self(),
+    }
+    return {
+        **step_result(started, imported, saved, rss_imports, peak_rss_self(), **phases),
         "cuda_peak_allocated": cuda_peak(torch, device),
         "device": device,
         "files": sum(1 for p in out.iterdir() if p.is_file()),
@@ -211,15 +216,8 @@ def child_exec(command: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     subprocess.run(command, check=True)
     done = time.perf_counter()
-    os.sync()
-    synced = time.perf_counter()
-    return {
-        "imports_s": 0.0,
-        "op_s": done - started,
-        "wall_s": synced - started,
-        "rss_after_imports": None,
-        "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-    }
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return step_result(started, started, done, None, peak)
 
 
 def python_path() -> str:
@@ -396,7 +394,7 @@ class RegistryBench:
     def round(self, index: int) -> dict[str, Any]:
         """A fresh worker (started and idle before the clock starts), then `lora-reg merge
         --wait` timed; the worker's peak RSS is read from /proc before it is stopped."""
-        from tests.conftest import lora_reg_command
+        from tests.conftest import lora_reg_command, stop_server
 
         assert self.server is not None
         env = {
@@ -449,19 +447,9 @@ class RegistryBench:
             if done.returncode != 0:
                 raise RuntimeError(f"lora-reg merge failed ({done.returncode}):\n{done.stderr}")
             job = json.loads(done.stdout)
-            peak = None
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = int(line.split()[1]) * 1024
+            peak = proc_status("VmHWM", worker.pid)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            stop_server(worker)
         result = job.get("result") or {}
         return {
             "wall_s": wall,
@@ -483,38 +471,6 @@ class RegistryBench:
 
 
 # --- the benchmark -------------------------------------------------------------------------------
-
-
-def prepare(work: Path, key: str) -> dict[str, Any]:
-    """Build (or find) the base and the adapter under `work`, with bench.compat's generators and
-    its folder names (a `--work` shared with bench.compat reuses the 1.1 B base)."""
-    shape, max_shard_size = BASES[key]
-    base_id, base_dir = f"bench/{key}", work / f"base-{key}"
-    adapter_dir = work / f"adapter-{key}-r{RANK}"
-    built: dict[str, float] = {}
-    if base_dir.is_dir():
-        log(f"reusing the base in {base_dir}")
-    else:
-        log(f"building a random {key} base in {base_dir} (transformers, bf16)")
-        started = time.perf_counter()
-        build_base(base_dir, shape, max_shard_size)
-        built["base_s"] = time.perf_counter() - started
-    if adapter_dir.is_dir():
-        log(f"reusing the adapter in {adapter_dir}")
-    else:
-        log(f"building a PEFT adapter (r={RANK}, all-linear) in {adapter_dir}")
-        started = time.perf_counter()
-        build_adapter(adapter_dir, base_dir, base_id)
-        built["adapter_s"] = time.perf_counter() - started
-    return {
-        "key": key,
-        "base_id": base_id,
-        "base_dir": base_dir,
-        "adapter_dir": adapter_dir,
-        "shape": shape,
-        "max_shard_size": max_shard_size,
-        "built_s": built,
-    }
 
 
 def resolve_device(name: str) -> str:
@@ -545,23 +501,13 @@ def run_rounds(
             warm_read(adapter_dir)
             os.sync()
             log(f"round {index}/{repeat}: {STEPS[name]}")
-            if name == "cp":
-                args = ["exec", "cp", "-r", str(base_dir), str(out)]
-                result = run_child(*args, scratch=scratch)
-            elif name == "ours":
-                result = run_child(
-                    name, str(base_dir), str(adapter_dir), str(out), device, scratch=scratch
-                )
-            else:
-                result = run_child(
-                    name,
-                    str(base_dir),
-                    str(adapter_dir),
-                    str(out),
-                    device,
-                    prepared["max_shard_size"],
-                    scratch=scratch,
-                )
+            merging = [str(base_dir), str(adapter_dir), str(out), device]
+            child = {
+                "cp": ["exec", "cp", "-r", str(base_dir), str(out)],
+                "ours": ["ours", *merging],
+                "peft": ["peft", *merging, prepared["max_shard_size"]],
+            }[name]
+            result = run_child(*child, scratch=scratch)
             log(
                 f"  {result['wall_s']:.2f} s (process {result['process_s']:.2f} s), peak RSS "
                 f"{fmt_bytes(result['peak_rss'])}"
@@ -847,7 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir()
     registry: RegistryBench | None = None
     try:
-        prepared = prepare(work, QUICK_KEY if args.quick else FULL_KEY)
+        # bench.compat's folder names: a --work shared with it reuses the 1.1 B base.
+        key = QUICK_KEY if args.quick else FULL_KEY
+        prepared = build_or_reuse(work, key, BASES[key])
         base, adapter = (
             describe_base(prepared["base_dir"]),
             describe_adapter(prepared["adapter_dir"]),

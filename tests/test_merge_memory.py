@@ -16,8 +16,8 @@ nothing here asserts a duration.
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
+from tests.support.crafting import write_raw_safetensors
 
 pytestmark = pytest.mark.slow
 
@@ -92,32 +93,6 @@ def base_shards() -> list[dict[str, list[int]]]:
     return shards
 
 
-def write_safetensors(path: Path, dtype: str, tensors: dict[str, list[int]], fill: bytes) -> int:
-    """Write a safetensors file tensor by tensor (never the whole file in memory): every tensor's
-    bytes are `fill` repeated and cut to size. Returns the file size."""
-    itemsize = {"BF16": 2, "F32": 4}[dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in tensors.items():
-        size = itemsize
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)) + raw)
-        for name in tensors:
-            start, end = header[name]["data_offsets"]
-            left = end - start
-            while left:
-                chunk = fill[: min(left, len(fill))]
-                handle.write(chunk)
-                left -= len(chunk)
-    return path.stat().st_size
-
-
 def random_fill(dtype: Any, seed: int) -> bytes:
     """1 MiB of small random values (finite, so the merge's NaN check passes)."""
     import torch
@@ -157,10 +132,10 @@ def make_base(folder: Path) -> tuple[int, int]:
     total = largest = 0
     for number, tensors in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(folder / name, "BF16", tensors, fill)
+        write_raw_safetensors(folder / name, {k: ("BF16", s, 2) for k, s in tensors.items()}, fill)
         for key, shape in tensors.items():
             weight_map[key] = name
-            size = 2 * int(torch.Size(shape).numel())
+            size = 2 * math.prod(shape)
             total += size
             largest = max(largest, size)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -194,12 +169,12 @@ def make_adapter(folder: Path) -> None:
         "inference_mode": True,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    tensors: dict[str, list[int]] = {}
+    tensors: dict[str, tuple[str, list[int], int]] = {}
     for module, (out_features, in_features) in linear_shapes().items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = [RANK, in_features]
-        tensors[f"base_model.model.{module}.lora_B.weight"] = [out_features, RANK]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = ("F32", [RANK, in_features], 4)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", [out_features, RANK], 4)
     fill = random_fill(torch.float32, seed=1)
-    write_safetensors(folder / "adapter_model.safetensors", "F32", tensors, fill)
+    write_raw_safetensors(folder / "adapter_model.safetensors", tensors, fill)
 
 
 # The child: imports first, then a clean peak counter, then the merge alone.

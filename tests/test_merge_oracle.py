@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from registry.core.errors import Incompatible, NonFiniteResult  # noqa: E402
+from tests.support.crafting import copy_folder, rewrite_tensors  # noqa: E402
 from tests.support.merge_oracle import (  # noqa: E402
     checkpoint_state,
     forward,
@@ -171,7 +171,7 @@ class Outcome:
     out: Path
     result: MergeResult
     ours: dict[str, Any]
-    reference: dict[str, Any]  # PEFT's merged model, named as the checkpoint names its tensors
+    reference: dict[str, Any]  # PEFT's merged model's tensors: `_peft_reference`
     model: Any  # PEFT's merged model
 
 
@@ -180,13 +180,10 @@ class Outcome:
 
 def _strip_prefix(base: Path, to: Path, prefix: str) -> Path:
     """A copy of a single-file base whose tensor names lack `prefix` (old GPT-2 checkpoints)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(base, to)
-    weights = to / "model.safetensors"
-    tensors = load_file(str(weights))
-    save_file(
-        {k.removeprefix(prefix): v for k, v in tensors.items()}, str(weights), {"format": "pt"}
+    rewrite_tensors(
+        copy_folder(base, to),
+        lambda tensors: {k.removeprefix(prefix): v for k, v in tensors.items()},
+        "model.safetensors",
     )
     return to
 
@@ -271,9 +268,8 @@ def outcome(
                 untie=case.untie,
                 vocab_size=case.vocab_size,
             )
-            done[name] = Outcome(
-                case, base, adapter, out, result, ours, checkpoint_state(model, set(ours)), model
-            )
+            reference = _peft_reference(model, set(ours))
+            done[name] = Outcome(case, base, adapter, out, result, ours, reference, model)
         return done[name]
 
     return get
@@ -282,6 +278,15 @@ def outcome(
 def _tied(model: Any) -> bool:
     head = model.get_output_embeddings()
     return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _peft_reference(model: Any, checkpoint_keys: set[str]) -> dict[str, Any]:
+    """PEFT's merged model's tensors, named as the checkpoint names them; a tied lm_head, which
+    the checkpoint does not store (nor should the output), left out."""
+    reference = checkpoint_state(model, checkpoint_keys)
+    if _tied(model):
+        reference.pop("lm_head.weight", None)
+    return reference
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -310,10 +315,7 @@ def test_every_tensor_is_bitwise_what_peft_merge_and_unload_gives(
     name: str, outcome: Callable[[str], Outcome]
 ) -> None:
     o = outcome(name)
-    reference = dict(o.reference)
-    if _tied(o.model):  # the checkpoint has no tied lm_head.weight, nor should the output
-        reference.pop("lm_head.weight", None)
-    assert mismatches(o.ours, reference) == []
+    assert mismatches(o.ours, o.reference) == []
     assert o.result.tensors_total == len(o.ours)
 
 
@@ -519,12 +521,7 @@ def test_sharded_base_keeps_its_layout_and_recomputes_the_index(
 
 
 def _rewrite(adapter: Path, to: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:
-    from safetensors.torch import save_file
-
-    shutil.copytree(adapter, to)
-    save_file(
-        edit(_adapter_tensors(adapter)), str(to / "adapter_model.safetensors"), {"format": "pt"}
-    )
+    rewrite_tensors(copy_folder(adapter, to), edit)
     return to
 
 
@@ -633,10 +630,7 @@ def test_an_untrained_adapter_leaves_the_base_bitwise(
     merge(adapter, base, tmp_path / "out", options=CPU)
     ours, original = read_folder(tmp_path / "out"), read_folder(base)
     assert mismatches(ours, original) == []
-    reference = checkpoint_state(peft_merged(base, adapter), set(ours))
-    if "lm_head.weight" not in ours:
-        reference.pop("lm_head.weight", None)
-    assert mismatches(ours, reference) == []
+    assert mismatches(ours, _peft_reference(peft_merged(base, adapter), set(ours))) == []
 
 
 @pytest.mark.parametrize("name", ["llama-dora", "llama-sharded", "gpt2-tied-lm-head-lora-untie"])
@@ -737,13 +731,10 @@ def test_cuda_merge_is_within_one_rounding_of_peft_on_cpu(
     result = merge(o.adapter, o.base, tmp_path / "out", options=options)
     assert result.device.startswith("cuda")
     ours = read_folder(tmp_path / "out")
-    reference = dict(o.reference)
-    if _tied(o.model):
-        reference.pop("lm_head.weight", None)
-    assert set(ours) == set(reference)
+    assert set(ours) == set(o.reference)
     far = []
     for key, tensor in sorted(ours.items()):
-        expected = reference[key]
+        expected = o.reference[key]
         assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape), key
         if tensor.dtype in (torch.bfloat16, torch.float16):
             if ulp_distance(tensor, expected) > 1:

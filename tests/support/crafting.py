@@ -9,6 +9,7 @@ Tensor files are written back with ``{"format": "pt"}`` metadata, as PEFT writes
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 import warnings
@@ -32,6 +33,7 @@ __all__ = [
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ZEROS = bytes(1 << 16)
 
 
 def copy_folder(source: Path, destination: Path) -> Path:
@@ -79,23 +81,30 @@ def rename_keys(folder: Path, old: str, new: str) -> list[str]:
     return sorted(rewrite_tensors(folder, rename))
 
 
-def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]]) -> None:
+def write_raw_safetensors(
+    path: Path, tensors: dict[str, tuple[str, list[int], int]], fill: bytes = _ZEROS
+) -> None:
     """Write a safetensors file by hand: name -> (dtype string, shape, bytes per element).
 
-    The header is laid out exactly as the format requires (contiguous offsets, data filled with
-    zeros), so only what the test changes on purpose (e.g. a dtype no reader knows) is wrong.
+    The header is laid out exactly as the format requires (contiguous offsets), so only what the
+    test changes on purpose (e.g. a dtype no reader knows) is wrong. Each tensor's data is
+    ``fill`` (zeros by default) repeated and cut to its size, written tensor by tensor and chunk
+    by chunk: a file far larger than ``fill`` never is in memory whole.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, (dtype, shape, itemsize) in tensors.items():
-        size = itemsize
-        for dim in shape:
-            size *= dim
+        size = itemsize * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        for name in tensors:
+            start, end = header[name]["data_offsets"]
+            for chunk in range(start, end, len(fill)):
+                handle.write(fill[: min(len(fill), end - chunk)])
 
 
 def make_seq_cls_adapter(

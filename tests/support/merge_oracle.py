@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tests.support.oracle import _offline
 
 if TYPE_CHECKING:
     import torch
@@ -55,18 +56,9 @@ def quiet() -> Iterator[None]:
     """Offline, and transformers'/PEFT's own warnings about the deliberate oddities of the
     fixtures (tied heads, Conv1D's fan_in_fan_out...) neither printed nor raised: the suite runs
     with warnings as errors, and what is under test here is the engine, not the oracle."""
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({key: "1" for key in saved})
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _offline(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def model_class(folder: Path) -> Any:
