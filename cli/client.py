@@ -43,6 +43,7 @@ from registry.core.errors import (
     error_from_code,
 )
 from registry.core.jobs import (
+    DEFAULT_LEASE_S,
     ArtifactOut,
     Claim,
     ClaimRequest,
@@ -54,6 +55,7 @@ from registry.core.jobs import (
     JobResult,
     MergeOptions,
     MergeRequest,
+    parse_artifact_digest,
     parse_target,
 )
 from registry.core.jobs import Progress as JobProgress
@@ -65,7 +67,7 @@ from registry.core.manifest import (
     hash_stream,
     manifest_digest,
 )
-from registry.core.names import Reference, parse_base, parse_name, parse_reference, parse_selector
+from registry.core.names import Reference, parse_base, parse_name, parse_reference
 from registry.core.peft import check_config_size, check_lora_tensors, parse_adapter_config
 from registry.core.profiles import bind
 from registry.core.safetensors_header import read_header_from_file
@@ -539,7 +541,7 @@ class Registry:
         return JobOut.model_validate(self._json("POST", path))
 
     def claim_job(
-        self, worker: str, *, device: str | None = None, lease_s: int = 60
+        self, worker: str, *, device: str | None = None, lease_s: int = DEFAULT_LEASE_S
     ) -> Claim | None:
         """Worker: take the oldest queued job with a lease of `lease_s` seconds; None if none.
 
@@ -575,12 +577,7 @@ class Registry:
         """Worker: end the job it holds (`succeeded` with its result, `failed` or `cancelled`
         with an error). Safe to repeat: a finish that already landed returns the job."""
         body = FinishRequest.model_validate(
-            {
-                "worker": worker,
-                "status": status,
-                "result": result.model_dump(mode="json") if result else None,
-                "error": error.model_dump(mode="json") if error else None,
-            }
+            {"worker": worker, "status": status, "result": result, "error": error}
         )
         path = f"/api/v1/merges/{_job_path(job_id)}/finish"
         return JobOut.model_validate(
@@ -606,7 +603,7 @@ class Registry:
 
     def artifact(self, digest: str) -> ArtifactOut:
         """A merged artifact and its files."""
-        path = f"/api/v1/merges/artifacts/{_artifact_digest(digest)}"
+        path = f"/api/v1/merges/artifacts/{parse_artifact_digest(digest, bare=True)}"
         return ArtifactOut.model_validate(self._json("GET", path))
 
     def pull_artifact(
@@ -619,18 +616,13 @@ class Registry:
     ) -> Path:
         """Download a merged artifact stored in the registry into `dest`, verified like `pull`:
         every file's sha256 is checked before it is renamed into place, through the cache."""
-        progress = progress or NoProgress()
-        wanted = _artifact_digest(digest)
+        wanted = parse_artifact_digest(digest, bare=True)
         artifact = self.artifact(wanted)
-        files = artifact.files
-        entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
-        check_manifest(
-            entries, max_files=len(entries), max_bytes=sum(e.size for e in entries), required=()
-        )
-        if artifact.digest != wanted or manifest_digest(entries) != wanted:
+        listed = _listing_digest(artifact.files)
+        if artifact.digest != wanted or listed != wanted:
             raise ChecksumMismatch(
                 f"the registry's answer for artifact {wanted} lists files whose digest is "
-                f"{manifest_digest(entries)}; refusing to write it"
+                f"{listed}; refusing to write it"
             )
         if not artifact.stored:
             raise ArtifactNotFound(
@@ -639,22 +631,15 @@ class Registry:
                 digest=wanted,
             )
         target = Path(dest)
-        strangers = _strangers(target, {f.path for f in files})
-        if strangers and not force:
-            raise OutputNotEmpty(
-                f"{target} holds {len(strangers)} file(s) that are not part of {wanted} "
-                f"({', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}); pull into "
-                "an empty folder, or pass force=True to remove them",
-                paths=strangers,
-            )
-        progress.begin(f"pulling {artifact.adapter} merged into {artifact.base}", artifact.size)
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                list(pool.map(lambda f: self._pull_file(f, target, progress), files))
-        finally:
-            progress.end()
-        for stranger in strangers:
-            (target / stranger).unlink()
+        self._pull_files(
+            artifact.files,
+            target,
+            of=wanted,
+            force=force,
+            force_hint="force=True",
+            title=f"pulling {artifact.adapter} merged into {artifact.base}",
+            progress=progress or NoProgress(),
+        )
         target.mkdir(parents=True, exist_ok=True)
         return target
 
@@ -869,30 +854,53 @@ class Registry:
                 version=version.number,
             )
         target = Path(out_dir) if out_dir else Path(parsed.name.name)
+        fetched = self._pull_files(
+            files,
+            target,
+            of=ref,
+            force=force,
+            force_hint="--force",
+            title=f"pulling {version.adapter}@{version.number}",
+            progress=progress,
+        )
+        downloaded = sum(f.size for f, network in zip(files, fetched, strict=True) if network)
+        cached = sum(f.size for f, network in zip(files, fetched, strict=True) if not network)
+        return PullResult(version, target, downloaded, cached)
+
+    def _pull_files(
+        self,
+        files: Sequence[VersionFileOut],
+        target: Path,
+        *,
+        of: str,
+        force: bool,
+        force_hint: str,
+        title: str,
+        progress: Progress,
+    ) -> Sequence[bool]:
+        """Place `files` (verified, through the cache) so that `target` holds exactly them.
+
+        Other files found there are refused (`OutputNotEmpty`, naming what is pulled, `of`, and
+        how to force, `force_hint`) unless `force`, which removes them once the files are in
+        place. The answer: for each file, whether its bytes came over the network.
+        """
         strangers = _strangers(target, {f.path for f in files})
         if strangers and not force:
             raise OutputNotEmpty(
-                f"{target} holds {len(strangers)} file(s) that are not part of {ref} "
+                f"{target} holds {len(strangers)} file(s) that are not part of {of} "
                 f"({', '.join(strangers[:3])}{' ...' if len(strangers) > 3 else ''}); pull into "
-                "an empty folder, or pass --force to remove them",
+                f"an empty folder, or pass {force_hint} to remove them",
                 paths=strangers,
             )
-        downloaded = cached = 0
-        total = sum(f.size for f in files)
-        progress.begin(f"pulling {version.adapter}@{version.number}", total)
+        progress.begin(title, sum(f.size for f in files))
         try:
             with ThreadPoolExecutor(self.concurrency) as pool:
-                results = list(pool.map(lambda f: self._pull_file(f, target, progress), files))
+                fetched = list(pool.map(lambda f: self._pull_file(f, target, progress), files))
         finally:
             progress.end()
-        for file, from_network in zip(files, results, strict=True):
-            if from_network:
-                downloaded += file.size
-            else:
-                cached += file.size
         for stranger in strangers:
             (target / stranger).unlink()
-        return PullResult(version, target, downloaded, cached)
+        return fetched
 
     def _cache_path(self, sha256: str) -> Path:
         return self.cache_dir / "blobs" / "sha256" / sha256[:2] / sha256
@@ -957,15 +965,6 @@ def _job_path(job_id: str) -> str:
     return job_id
 
 
-def _artifact_digest(digest: str) -> str:
-    """`sha256:<hex>` (a bare 64-hex digest is accepted too)."""
-    text = digest if digest.startswith("sha256:") else f"sha256:{digest}"
-    selector = parse_selector(text)
-    if selector.kind != "digest":
-        raise InvalidReference(f"invalid artifact digest {digest!r}: expected sha256:<64 hex>")
-    return selector.value
-
-
 def _signature_body(signature: BaseSignature) -> dict[str, Any]:
     return {
         "config": signature.config,
@@ -978,18 +977,12 @@ def _wire(entries: Iterable[FileEntry]) -> list[dict[str, Any]]:
 
 
 def _check_version_reply(ref: Reference, version: VersionOut, files: list[VersionFileOut]) -> None:
-    """Refuse a server reply that does not describe what was asked for, before writing a byte.
-
-    The file list must be a valid manifest (relative, normalised paths: nothing can be written
-    outside the output folder) whose digest is the version's digest.
-    """
-    entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
-    check_manifest(
-        entries, max_files=len(entries), max_bytes=sum(e.size for e in entries), required=()
-    )
+    """Refuse a server reply that does not describe what was asked for, before writing a byte:
+    its file list (see `_listing_digest`) must have the version's digest."""
+    listed = _listing_digest(files)
     if (
         version.adapter != str(ref.name)
-        or manifest_digest(entries) != version.digest
+        or listed != version.digest
         or (ref.selector.kind == "digest" and version.digest != ref.selector.value)
         or (ref.selector.kind == "number" and version.number != ref.selector.number)
     ):
@@ -997,6 +990,16 @@ def _check_version_reply(ref: Reference, version: VersionOut, files: list[Versio
             f"the registry's answer for {ref} does not match what was asked for (adapter "
             f"{version.adapter}@{version.number}, digest {version.digest}); refusing to write it"
         )
+
+
+def _listing_digest(files: list[VersionFileOut]) -> str:
+    """The manifest digest of a file list the server sent, once it is checked to be a valid
+    manifest (relative, normalised paths: nothing can be written outside the output folder)."""
+    entries = [FileEntry(f.path, f.size, f.sha256) for f in files]
+    check_manifest(
+        entries, max_files=len(entries), max_bytes=sum(e.size for e in entries), required=()
+    )
+    return manifest_digest(entries)
 
 
 def _strangers(target: Path, expected: set[str]) -> list[str]:

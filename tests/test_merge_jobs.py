@@ -32,7 +32,15 @@ from registry.core.errors import (
     LeaseLost,
     VersionYanked,
 )
-from registry.core.jobs import JobOut, JobResult, MergeOptions, Progress, memo_key, parse_target
+from registry.core.jobs import (
+    JobError,
+    JobOut,
+    JobResult,
+    MergeOptions,
+    Progress,
+    memo_key,
+    parse_target,
+)
 from registry.core.manifest import FileEntry, manifest_digest
 from registry.core.schemas import FileSpec
 from tests.conftest import (
@@ -411,8 +419,9 @@ def test_cancel_a_queued_job_and_a_running_one(
         client.cancel_job(queued.id)
     assert client.claim_job("worker-a") is None
     # A cancelled job is no answer to the same request: a new one is queued.
-    assert client.request_merge(adapter_ref, target=f"dir:{tmp_path}/a").id != queued.id
-    client.cancel_job(client.jobs(status="queued").items[0].id)
+    again = client.request_merge(adapter_ref, target=f"dir:{tmp_path}/a")
+    assert again.id != queued.id and (again.created, again.status) == (True, "queued")
+    client.cancel_job(again.id)
 
     job = client.request_merge(adapter_ref, target=f"dir:{tmp_path}/b")
     claim_only(client, "worker-a", job)
@@ -431,8 +440,6 @@ def test_cancel_a_queued_job_and_a_running_one(
 
 
 def test_a_failed_merge_keeps_its_error(client: Registry, adapter_ref: str) -> None:
-    from registry.core.jobs import JobError
-
     job = client.request_merge(adapter_ref)
     claim_only(client, "worker-a", job)
     error = JobError(code="non_finite", message="tensor x holds NaN")

@@ -14,16 +14,18 @@ import json
 import posixpath
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.core.errors import InvalidTarget
+from registry.core.errors import InvalidReference, InvalidTarget
+from registry.core.names import parse_selector
 from registry.core.schemas import FileSpec, VersionFileOut
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+FinishedStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", FinishedStatus]
+JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+FINISHED: tuple[FinishedStatus, ...] = get_args(FinishedStatus)
 MIN_LEASE_S = 5
 MAX_LEASE_S = 3600
 DEFAULT_LEASE_S = 60
@@ -132,6 +134,18 @@ def memo_key(
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def parse_artifact_digest(text: str, *, bare: bool = False) -> str:
+    """A merged artifact's digest, `sha256:<64 hex>`; with `bare`, 64 hex alone is one too.
+
+    Raises `InvalidReference` for anything else.
+    """
+    full = f"sha256:{text}" if bare and not text.startswith("sha256:") else text
+    selector = parse_selector(full)
+    if selector.kind != "digest":
+        raise InvalidReference(f"invalid artifact digest {text!r}: expected sha256:<64 hex>")
+    return selector.value
+
+
 # --- requests and answers ----------------------------------------------------------------------
 
 
@@ -220,7 +234,7 @@ class HeartbeatOut(BaseModel):
 
 class FinishRequest(BaseModel):
     worker: str = Field(min_length=1, max_length=MAX_WORKER_NAME)
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: FinishedStatus
     result: JobResult | None = None
     error: JobError | None = None
 

@@ -82,7 +82,7 @@ def claim(session: SessionDep, actor: ActorDep, request: ClaimRequest) -> Claim 
 @router.get("/artifacts/{digest}", response_model=ArtifactOut)
 def get_artifact(session: ReadSessionDep, digest: str) -> ArtifactOut:
     """A merged artifact and its files (with download URLs when it is stored here)."""
-    return service.get_artifact(session, service.artifact_digest(digest))
+    return service.get_artifact(session, digest)
 
 
 @router.get("/{job_id}", response_model=JobOut)

@@ -23,13 +23,11 @@ from registry.adapters import service as adapters
 from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
-from registry.core.compat import check_compatibility
 from registry.core.errors import (
     ArtifactNotFound,
     BlobMissing,
     Incompatible,
     InvalidInput,
-    InvalidReference,
     JobFinished,
     JobNotFound,
     LeaseLost,
@@ -51,11 +49,11 @@ from registry.core.jobs import (
     MergeRequest,
     Progress,
     memo_key,
+    parse_artifact_digest,
     parse_target,
 )
 from registry.core.manifest import FileEntry, check_manifest, manifest_digest
-from registry.core.names import BaseModelId, parse_base, parse_reference, parse_selector
-from registry.core.profiles import bind
+from registry.core.names import BaseModelId, parse_base, parse_reference
 from registry.core.schemas import FileSpec, Page, UploadPlan, VersionFileOut, make_page
 from registry.models import (
     Adapter,
@@ -96,7 +94,7 @@ def _skip_locked(session: Session, statement: Any) -> Any:
 
 
 def _base_label(base_id: str, revision: str) -> str:
-    return f"{base_id}@{revision}" if revision else base_id
+    return str(BaseModelId(base_id, revision))
 
 
 def _opt_utc(value: datetime | None) -> datetime | None:
@@ -151,9 +149,10 @@ def _get_job(session: Session, job_id: str, *, lock: bool = False) -> MergeJob:
     return job
 
 
-def _check_holder(job: MergeJob, worker: str) -> None:
-    """The job must be running under `worker`; otherwise that worker must drop it."""
-    if job.status == "running" and job.worker == worker:
+def _check_holder(job: MergeJob, worker: str | None) -> None:
+    """The job must be running under `worker` (None: under any worker); otherwise that worker
+    must drop it."""
+    if job.status == "running" and worker in (None, job.worker):
         return
     if job.status == "running":
         why = f"worker {job.worker} holds it now"
@@ -162,7 +161,7 @@ def _check_holder(job: MergeJob, worker: str) -> None:
     else:
         why = f"it has finished ({job.status})"
     raise LeaseLost(
-        f"worker {worker} no longer holds merge job {job.id}: {why}; drop it",
+        f"worker {worker or '?'} no longer holds merge job {job.id}: {why}; drop it",
         job=job.id,
         job_status=job.status,
     )
@@ -183,9 +182,8 @@ def request_merge(
     target = str(parse_target(request.target))
     options = request.options
     version = adapters.resolve(session, ref)
-    adapter = session.get(Adapter, version.adapter_id)
-    assert adapter is not None and version.id is not None
-    label = f"{adapter.namespace}/{adapter.name}@{version.number}"
+    assert version.id is not None
+    label = f"{ref.name}@{version.number}"
     if version.yanked_at is not None:
         raise VersionYanked(
             f"{label} is yanked ({version.yank_reason}); merge another version",
@@ -214,16 +212,9 @@ def request_merge(
     summary, header = adapters.read_adapter(
         store, [FileEntry(f.path, f.size, f.sha256) for f in files]
     )
-    profile, values = bind("merge", {"untie": options.untie})
-    report = check_compatibility(
-        summary.raw,
-        header.tensors,
-        bases.signature_of(base),
-        base_id=base.model_id,
-        base_revision=base.revision or None,
-        claimed_base=(version.base_model_id, version.base_model_revision),
-        profile=profile,
-        options=values,
+    claimed = (version.base_model_id, version.base_model_revision)
+    report = adapters._run_check(
+        summary.raw, header, base, claimed, "merge", {"untie": options.untie}
     )
     if not report.compatible:
         first = report.errors[0].message
@@ -420,15 +411,13 @@ def heartbeat(session: Session, job_id: str, request: HeartbeatRequest) -> Heart
     job = _get_job(session, job_id, lock=True)
     _check_holder(job, request.worker)
     now = utcnow()
-    job.heartbeat_at = now
-    job.lease_expires_at = now + timedelta(seconds=job.lease_s)
+    expires = now + timedelta(seconds=job.lease_s)
+    job.heartbeat_at, job.lease_expires_at = now, expires
     if request.progress is not None:
         job.progress = request.progress.model_dump()
     session.add(job)
     session.flush()
-    return HeartbeatOut(
-        cancel_requested=job.cancel_requested, lease_expires_at=now + timedelta(seconds=job.lease_s)
-    )
+    return HeartbeatOut(cancel_requested=job.cancel_requested, lease_expires_at=expires)
 
 
 def merged_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
@@ -452,9 +441,7 @@ def plan_upload(
 ) -> UploadPlan:
     """Which of a running job's output files are missing from the store, and how to upload each
     (the same plan a push gets)."""
-    job = _get_job(session, job_id)
-    if job.status != "running" or (worker is not None and job.worker != worker):
-        _check_holder(job, worker or "?")
+    _check_holder(_get_job(session, job_id), worker)
     return blobs.plan_upload(session, store, settings, merged_entries(files, settings))
 
 
@@ -587,14 +574,9 @@ def _record_artifact(
 # --- artifacts ---------------------------------------------------------------------------------
 
 
-def artifact_digest(text: str) -> str:
-    selector = parse_selector(text)
-    if selector.kind != "digest":
-        raise InvalidReference(f"invalid artifact digest {text!r}: expected sha256:<64 hex>")
-    return selector.value
-
-
-def get_artifact(session: Session, digest: str) -> ArtifactOut:
+def get_artifact(session: Session, text: str) -> ArtifactOut:
+    """The merged artifact `text` (`sha256:<64 hex>`) names, with its files."""
+    digest = parse_artifact_digest(text)
     row = session.exec(select(MergedArtifact).where(MergedArtifact.digest == digest)).first()
     if row is None:
         raise ArtifactNotFound(f"no merged artifact {digest} in this registry", digest=digest)
