@@ -643,6 +643,28 @@ class Registry:
         target.mkdir(parents=True, exist_ok=True)
         return target
 
+    def pull_base(self, ref: str, dest: str | Path, progress: Progress | None = None) -> Path:
+        """Download a base whose weights are stored in the registry (`base add --upload`) into
+        `dest`, verified and through the cache like `pull`; `dest` ends up holding exactly it."""
+        base = self.base(ref)
+        if not base.stored or not base.files:
+            raise InvalidInput(
+                f"base {base.ref} is not stored in the registry (its weights are at "
+                f"{base.source}); read it from there"
+            )
+        _listing_digest(base.files)  # refuse paths that would land outside `dest`
+        target = Path(dest)
+        self._pull_files(
+            base.files,
+            target,
+            of=base.ref,
+            force=True,
+            force_hint="force=True",
+            title=f"pulling base {base.ref}",
+            progress=progress or NoProgress(),
+        )
+        return target
+
     # --- push ----------------------------------------------------------------------------------
 
     def push(

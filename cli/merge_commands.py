@@ -12,6 +12,8 @@ import importlib.util
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,12 +21,13 @@ import typer
 
 if TYPE_CHECKING:
     from registry.core.jobs import JobOut
+    from registry.core.jobs import Progress as JobProgress
 from rich.table import Table
 
 from cli.console import JsonOpt, emit_json, err, out, page_footer, registry, size, state, when
 from registry.core.errors import InvalidInput, error_from_code
+from registry.core.jobs import DTYPES
 
-FINISHED = ("succeeded", "failed", "cancelled")
 DtypeOpt = Annotated[
     str | None,
     typer.Option(
@@ -83,6 +86,8 @@ def merge(
     as_json: JsonOpt = False,
 ) -> None:
     """Merge an adapter into its base model: as a job on the server, or --local."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidInput(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
     if local is not None:
         _merge_local(local, base, output, dtype, untie, device, force, as_json)
         return
@@ -111,44 +116,49 @@ def merge(
         raise error_from_code(code, f"job {job.id} {job.status}: {message}")
 
 
-def _follow(client: Any, job: JobOut) -> JobOut:
-    """Poll the job until it finishes, with a progress bar on a terminal."""
-    bar = None
-    if not state.quiet and sys.stderr.isatty():
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
+@contextmanager
+def _merge_bar(description: str) -> Iterator[Callable[[JobProgress, str], None]]:
+    """A progress bar on a terminal (bytes and tensors merged); yields its update function,
+    a no-op when quiet or piped."""
+    if state.quiet or not sys.stderr.isatty():
+        yield lambda progress, status: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[tensors]}"),
+        TimeRemainingColumn(),
+        console=err,
+    )
+    task = bar.add_task(description, total=None, tensors="")
+
+    def update(progress: JobProgress, status: str) -> None:
+        bar.update(
+            task,
+            description=f"{description} ({status})",
+            completed=progress.bytes_done,
+            total=progress.bytes_total or None,
+            tensors=f"{progress.tensors_done}/{progress.tensors_total} tensors",
         )
 
-        bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TextColumn("{task.fields[tensors]}"),
-            TimeRemainingColumn(),
-            console=err,
-        )
-        bar.start()
-        task = bar.add_task(f"merge {job.id[:8]}", total=None, tensors="")
+    bar.start()
     try:
-        while job.status not in FINISHED:
+        yield update
+    finally:
+        bar.stop()
+
+
+def _follow(client: Any, job: JobOut) -> JobOut:
+    """Poll the job until it finishes, with a progress bar on a terminal."""
+    with _merge_bar(f"merge {job.id[:8]}") as update:
+        while not job.finished:
             time.sleep(0.5)
             job = client.job(job.id)
-            if bar is not None and job.progress is not None:
-                p = job.progress
-                bar.update(
-                    task,
-                    description=f"merge {job.id[:8]} ({job.status})",
-                    completed=p.bytes_done,
-                    total=p.bytes_total or None,
-                    tensors=f"{p.tensors_done}/{p.tensors_total} tensors",
-                )
-    finally:
-        if bar is not None:
-            bar.stop()
+            if job.progress is not None:
+                update(job.progress, job.status)
     return job
 
 
@@ -167,36 +177,16 @@ def _merge_local(
 
     if base is None or output is None:
         raise InvalidInput("--local needs --base BASE_DIR and -o OUTPUT_DIR")
-    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
-        raise InvalidInput(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
     options = MergeOptions(dtype=dtype, untie=untie, device=device)
-    bar = None
-    callback = None
-    if not state.quiet and sys.stderr.isatty():
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        bar = Progress(
-            TextColumn("merging"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err
-        )
-        task = bar.add_task("merge", total=None)
-        bar.start()
-
-        def callback(p: Any) -> None:
-            bar.update(task, completed=p.bytes_done, total=p.bytes_total)
-
-    try:
+    with _merge_bar("merging") as update:
         result = merge_to_folder(
-            adapter, Path(base), output, force=force, options=options, progress=callback
+            adapter,
+            Path(base),
+            output,
+            force=force,
+            options=options,
+            progress=lambda progress: update(progress, "local"),
         )
-    finally:
-        if bar is not None:
-            bar.stop()
     if as_json:
         emit_json(
             {

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,24 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import ROOT, run_cli
+from tests.support.merging import kill_when
+
+
+def merge_local(
+    adapter: Path, base: Path, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """`lora-reg merge --local ADAPTER --base BASE -o OUT [extra]`, run from out's parent."""
+    return run_cli(
+        "merge",
+        "--local",
+        str(adapter),
+        "--base",
+        str(base),
+        "-o",
+        str(out),
+        *extra,
+        cwd=out.parent,
+    )
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,17 +52,7 @@ def test_local_merge_writes_the_base_layout_and_loads(
     base = base_dir("llama", max_shard_size="40KB")
     adapter = adapter_dir("llama")
     out = tmp_path / "merged"
-    done = run_cli(
-        "merge",
-        "--local",
-        str(adapter),
-        "--base",
-        str(base),
-        "-o",
-        str(out),
-        "--json",
-        cwd=tmp_path,
-    )
+    done = merge_local(adapter, base, out, "--json")
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     base_shards = sorted(p.name for p in base.glob("*.safetensors"))
@@ -85,12 +91,11 @@ def test_local_merge_refuses_existing_output_unless_force(
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["merge", "--local", str(adapter), "--base", str(base), "-o", str(out)]
-    refused = run_cli(*args, cwd=tmp_path)
+    refused = merge_local(adapter, base, out)
     assert refused.returncode == 4, refused.stderr
     assert "output_exists" in refused.stderr and "--force" in refused.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    forced = run_cli(*args, "--force", cwd=tmp_path)
+    forced = merge_local(adapter, base, out, "--force")
     assert forced.returncode == 0, forced.stderr
     assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").is_file()
@@ -103,9 +108,7 @@ def test_local_merge_refuses_an_incompatible_adapter_with_its_report(
     adapter = adapter_dir("llama", base_config={"hidden_size": 96, "head_dim": 24})
     base = base_dir("llama")
     out = tmp_path / "merged"
-    done = run_cli(
-        "merge", "--local", str(adapter), "--base", str(base), "-o", str(out), cwd=tmp_path
-    )
+    done = merge_local(adapter, base, out)
     assert done.returncode == 8, done.stderr
     assert "incompatible" in done.stderr and "shape_mismatch" in done.stderr
     assert not out.exists()
@@ -146,24 +149,11 @@ def stall(progress):
     time.sleep(60)
 merge_to_folder(Path({str(adapter)!r}), Path({str(base)!r}), Path({str(out)!r}), progress=stall)
 """
-    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert child.poll() is None, "the merge ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when(marker, subprocess.Popen([sys.executable, "-c", script], env={**os.environ}))
     assert not out.exists()
     leftovers = list(tmp_path.glob(".merged.partial-*"))
     assert leftovers, "the engine should have been writing into a staging folder"
-    done = run_cli(
-        "merge", "--local", str(adapter), "--base", str(base), "-o", str(out), cwd=tmp_path
-    )
+    done = merge_local(adapter, base, out)
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors.index.json").is_file()
 
@@ -175,20 +165,20 @@ def test_output_dtype_option(
     base = base_dir("llama", dtype="bfloat16")
     adapter = adapter_dir("llama", dtype="bfloat16")
     out = tmp_path / "merged"
-    done = run_cli(
-        "merge",
-        "--local",
-        str(adapter),
-        "--base",
-        str(base),
-        "-o",
-        str(out),
-        "--dtype",
-        dtype,
-        cwd=tmp_path,
-    )
+    done = merge_local(adapter, base, out, "--dtype", dtype)
     assert done.returncode == 0, done.stderr
     merged = _tensors(out)
     assert {t.dtype for t in merged.values()} == {getattr(torch, dtype)}
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == dtype
+
+
+def test_an_unknown_dtype_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Checked by the CLI for local and server merges alike: exit 6, nothing written."""
+    local = merge_local(
+        tmp_path / "adapter", tmp_path / "base", tmp_path / "out", "--dtype", "int8"
+    )
+    assert local.returncode == 6 and "invalid_input" in local.stderr and "bfloat16" in local.stderr
+    remote = run_cli("merge", "team/x@1", "--dtype", "int8", cwd=tmp_path)
+    assert remote.returncode == 6 and "invalid_input" in remote.stderr
+    assert not (tmp_path / "out").exists()

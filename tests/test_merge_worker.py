@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,14 +28,9 @@ from tests.conftest import (
     stop_server,
     unique_name,
 )
+from tests.support.merging import folder_bytes, kill_when, merged_like_a_worker
 
 pytestmark = pytest.mark.slow
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-    }
 
 
 @pytest.fixture(params=BACKENDS)
@@ -116,20 +109,16 @@ def test_merge_job_to_the_registry_matches_a_local_merge_and_is_memoized(
     assert pulled.returncode == 0, pulled.stderr
 
     # The same merge run here, with the same provenance, gives the same bytes.
-    from worker.engine import merge_to_folder
-
     version = json.loads(server.cli("show", ref, "--json").stdout)
-    merge_to_folder(
+    local = merged_like_a_worker(
         adapter,
         base,
         tmp_path / "local",
-        provenance={
-            "adapter": ref,
-            "adapter_digest": version["digest"],
-            "base": "org/tiny-llama",
-        },
+        ref=ref,
+        digest=version["digest"],
+        base_id="org/tiny-llama",
     )
-    assert _files(tmp_path / "pulled") == _files(tmp_path / "local")
+    assert folder_bytes(tmp_path / "pulled") == local
 
     again = server.cli("merge", ref, "--base", "org/tiny-llama", "--json")
     assert again.returncode == 0, again.stderr
@@ -167,7 +156,7 @@ def test_merge_job_to_a_folder_on_the_worker(
     assert merged.returncode == 0, merged.stderr
     job = json.loads(merged.stdout)
     assert job["result"]["location"] == str(out)
-    files = _files(out)
+    files = folder_bytes(out)
     assert {f["path"] for f in job["result"]["files"]} == set(files)
     assert "model.safetensors" in files and "config.json" in files
     assert not list(tmp_path.glob(".published.partial-*"))
@@ -237,18 +226,7 @@ def test_a_worker_killed_mid_merge_loses_nothing(
         root=str(ROOT), marker=str(marker), url=server.url, work=str(tmp_path / "doomed")
     )
     env = {**os.environ, **server.env, "LORA_REG_CACHE_DIR": str(tmp_path / "doomed-cache")}
-    doomed = subprocess.Popen([sys.executable, "-c", script], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert doomed.poll() is None, "the slow worker ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(timeout=30)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
+    kill_when(marker, subprocess.Popen([sys.executable, "-c", script], env=env))
     running = json.loads(server.cli("jobs", job_id, "--json").stdout)
     assert running["status"] == "running" and running["worker"] == "doomed"
     assert not out.exists()
@@ -271,16 +249,16 @@ def test_a_worker_killed_mid_merge_loses_nothing(
     assert job["status"] == "succeeded"
     assert job["attempts"] == 2 and job["worker"] == "rescuer"
 
-    from worker.engine import merge_to_folder
-
     version = json.loads(server.cli("show", ref, "--json").stdout)
-    merge_to_folder(
+    uninterrupted = merged_like_a_worker(
         adapter,
         base,
         tmp_path / "uninterrupted",
-        provenance={"adapter": ref, "adapter_digest": version["digest"], "base": "org/tiny-llama"},
+        ref=ref,
+        digest=version["digest"],
+        base_id="org/tiny-llama",
     )
-    assert _files(out) == _files(tmp_path / "uninterrupted")
+    assert folder_bytes(out) == uninterrupted
 
 
 def test_the_embedded_worker_merges_without_a_second_process(
@@ -340,15 +318,39 @@ def test_a_base_on_s3_merged_to_an_s3_prefix(
     keys = {item["Key"] for item in listed.get("Contents", [])}
     assert keys == {f"merged/tiny/{f['path']}" for f in job["result"]["files"]}
 
-    from worker.engine import merge_to_folder
-
     version = json.loads(server.cli("show", ref, "--json").stdout)
-    merge_to_folder(
-        adapter,
-        base,
-        tmp_path / "local",
-        provenance={"adapter": ref, "adapter_digest": version["digest"], "base": "org/tiny-s3"},
+    local = merged_like_a_worker(
+        adapter, base, tmp_path / "local", ref=ref, digest=version["digest"], base_id="org/tiny-s3"
     )
-    for path, data in _files(tmp_path / "local").items():
+    for path, data in local.items():
         body = s3.get_object(Bucket=bucket, Key=f"merged/tiny/{path}")["Body"].read()
         assert body == data, path
+
+
+def test_a_result_the_server_refuses_fails_the_job_with_the_reason(
+    tmp_path: Path,
+    pg_database: Callable[[], str],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    """The worker merged, but the server will not record the output (larger than it accepts):
+    the job ends failed with the server's code, instead of staying running until its lease."""
+    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    env["LORA_REG_MAX_BASE_BYTES"] = "1000"
+    server = start_server(tmp_path, env, "sqlite-folder", bucket)
+    try:
+        name = unique_name()
+        added = server.cli("base", "add", "org/tiny-llama", "--from", str(base_dir("llama")))
+        assert added.returncode == 0, added.stderr
+        pushed = server.cli("push", str(adapter_dir("llama")), name, "--base", "org/tiny-llama")
+        assert pushed.returncode == 0, pushed.stderr
+        out = tmp_path / "published"
+        queued = server.cli("merge", f"{name}@1", "--to", f"dir:{out}", "--json")
+        assert queued.returncode == 0, queued.stderr
+        worker = server.cli("worker", "--once", env={"TMPDIR": str(tmp_path)})
+        assert worker.returncode == 0, worker.stderr
+        job = json.loads(server.cli("jobs", json.loads(queued.stdout)["id"], "--json").stdout)
+        assert job["status"] == "failed"
+        assert job["error"]["code"] == "version_too_large"
+    finally:
+        stop_server(server.process)

@@ -21,9 +21,10 @@ import json
 import math
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,21 @@ from registry.core.basemodel import (
     CONFIG_JSON,
     INDEX_JSON,
     BaseSignature,
-    BaseTensor,
     parse_json_object,
-    shard_files,
+    read_checkpoint,
 )
 from registry.core.compat import CompatReport
 from registry.core.errors import InvalidInput, NonFiniteResult, OutputExists
-from registry.core.manifest import CONFIG_FILE, WEIGHTS_FILE, FileEntry, manifest_digest
-from registry.core.safetensors_header import (
-    SafetensorsHeader,
-    header_length,
-    parse_header,
-    read_header_from_file,
+from registry.core.jobs import Progress
+from registry.core.manifest import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    FileEntry,
+    hash_stream,
+    manifest_digest,
 )
-from worker.plan import TensorPlan, plan_merge
+from registry.core.safetensors_header import SafetensorsHeader, read_header_from_file
+from worker.plan import MergePlan, TensorPlan, plan_merge
 from worker.sources import WEIGHT_SUFFIXES, FolderSource, Source, read_bytes
 
 ENGINE_VERSION = "lora-registry-merge/1"
@@ -72,14 +74,6 @@ class MergeOptions:
     def identity(self) -> dict[str, Any]:
         """The options that change the output bytes (memoization, provenance)."""
         return {"dtype": self.dtype, "untie": self.untie}
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_done: int
-    bytes_total: int
 
 
 @dataclass
@@ -123,7 +117,7 @@ def merge(
     provenance: Mapping[str, str] | None = None,
     progress: Callable[[Progress], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
-    on_file: Callable[[Path, FileEntry], None] | None = None,
+    on_file: Callable[[FileEntry], None] | None = None,
     base_id: str | None = None,
     base_revision: str | None = None,
 ) -> MergeResult:
@@ -132,7 +126,8 @@ def merge(
     `out` must be missing or empty; callers stage and publish it (`merge_to_folder`). Raises
     `Incompatible` (with the report) before reading any weight when the merge is not well
     defined, and `NonFiniteResult` naming the tensor when a result holds NaN or inf.
-    `on_file` sees each output file as soon as it is complete (uploads can start early).
+    `on_file` sees each output file (relative to `out`) as soon as it is complete, so uploads
+    can start before the merge ends.
     """
     options = options or MergeOptions()
     source = FolderSource(base) if isinstance(base, Path) else base
@@ -142,8 +137,7 @@ def merge(
         raise OutputExists(f"{out} is not empty")
     adapter = Path(adapter)
     adapter_config, adapter_header = _read_adapter(adapter)
-    files = source.files()
-    signature, headers = _read_base(source, files)
+    signature, headers = _read_base(source)
     order = {
         shard: sorted(header.tensors, key=lambda k, h=header: h.tensors[k].begin)  # type: ignore[misc]
         for shard, header in headers.items()
@@ -166,20 +160,20 @@ def merge(
         **{f"lora_registry.{k}": str(v) for k, v in sorted((provenance or {}).items())},
     }
     if "lora_registry.adapter_digest" not in stamp:
-        stamp["lora_registry.adapter_digest"] = _folder_digest(adapter)
+        stamp["lora_registry.adapter_digest"] = manifest_digest(folder_entries(adapter))
     written: list[FileEntry] = []
 
     def publish(entry: FileEntry) -> None:
         written.append(entry)
         if on_file:
-            on_file(out / entry.path, entry)
+            on_file(entry)
 
     with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as weights:
         pipeline = _Pipeline(
             source, headers, plan.shards, out, stamp, weights, device, progress, cancelled
         )
         pipeline.run(publish)
-    for entry in _write_small_files(source, files, out, plan, signature, stamp, headers):
+    for entry in _write_small_files(source, out, plan, signature, stamp):
         publish(entry)
     return MergeResult(
         files=sorted(written, key=lambda f: f.path),
@@ -231,53 +225,27 @@ def _read_adapter(adapter: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
     return config, read_header_from_file(str(adapter / WEIGHTS_FILE), name=WEIGHTS_FILE)
 
 
-def _read_base(
-    source: Source, files: Mapping[str, int]
-) -> tuple[BaseSignature, dict[str, SafetensorsHeader]]:
-    config = (
-        parse_json_object(read_bytes(source, CONFIG_JSON), CONFIG_JSON)
-        if CONFIG_JSON in files
-        else None
-    )
-    if config is None:
-        raise InvalidInput(f"{source.describe()} has no {CONFIG_JSON}: is it a base checkpoint?")
-    index = (
-        parse_json_object(read_bytes(source, INDEX_JSON), INDEX_JSON)
-        if INDEX_JSON in files
-        else None
-    )
-    headers: dict[str, SafetensorsHeader] = {}
-    tensors: dict[str, BaseTensor] = {}
-    for shard in shard_files(files, index):
-        prefix = bytearray(8)
-        source.read_into(shard, 0, memoryview(prefix))
-        length = header_length(bytes(prefix), file_size=files[shard], name=shard)
-        raw = bytearray(length)
-        source.read_into(shard, 8, memoryview(raw))
-        header = parse_header(bytes(raw), file_size=files[shard], name=shard)
-        headers[shard] = header
-        for name, info in header.tensors.items():
-            tensors[name] = BaseTensor(dtype=info.dtype, shape=list(info.shape), shard=shard)
-    return BaseSignature(config=config, tensors=tensors), headers
+def _read_base(source: Source) -> tuple[BaseSignature, dict[str, SafetensorsHeader]]:
+    """The base's signature and shard headers, read and validated as `base add` reads them."""
+
+    def read(path: str, start: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        source.read_into(path, start, memoryview(buffer))
+        return bytes(buffer)
+
+    signature, headers, _ = read_checkpoint(source.files(), read)
+    return signature, headers
 
 
-def _folder_digest(folder: Path) -> str:
-    """The registry digest the adapter folder would have if pushed (sorted path size sha256)."""
+def folder_entries(folder: Path) -> list[FileEntry]:
+    """(path, size, sha256) of every file in a folder, all of them as `lora-reg push` takes
+    them, so a folder's `manifest_digest` is the digest it has (or would have) in the registry."""
     entries = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if relative.startswith("."):
-            continue
-        entries.append(FileEntry(relative, path.stat().st_size, _sha256_file(path)))
-    return manifest_digest(entries)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        with open(path, "rb") as handle:
+            size, sha256 = hash_stream(handle)
+        entries.append(FileEntry(path.relative_to(folder).as_posix(), size, sha256))
+    return entries
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -336,6 +304,7 @@ class _Pipeline:
         self.progress = progress
         self.cancelled = cancelled
         self.items = [plan for plans in shards.values() for plan in plans]
+        self.shard_of = {key: shard for shard, h in headers.items() for key in h.tensors}
         # In flight at once: the largest tensor plus half as much again (at least 64 MiB), so
         # reading, compute and writing overlap while peak memory stays ~1.5x the largest tensor.
         largest = max((self._cost(p) for p in self.items), default=0)
@@ -346,20 +315,11 @@ class _Pipeline:
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _cost(self, plan: TensorPlan) -> int:
-        source = self._source_nbytes(plan)
+        """Bytes a tensor holds while in flight: its input or its output, the larger."""
+        source = 0
+        if plan.source is not None:
+            source = self.headers[self.shard_of[plan.source]].tensors[plan.source].nbytes
         return max(source, plan.nbytes)
-
-    def _source_nbytes(self, plan: TensorPlan) -> int:
-        if plan.source is None:
-            return 0
-        info = self.headers[self._source_shard(plan)].tensors[plan.source]
-        return info.nbytes
-
-    def _source_shard(self, plan: TensorPlan) -> str:
-        for shard, header in self.headers.items():
-            if plan.source in header.tensors:
-                return shard
-        raise AssertionError(plan.source)
 
     def run(self, publish: Callable[[FileEntry], None]) -> None:
         reader = threading.Thread(target=self._guard, args=(self._read,), name="merge-reader")
@@ -401,7 +361,7 @@ class _Pipeline:
                 break
             buffer = None
             if plan.source is not None:
-                shard = self._source_shard(plan)
+                shard = self.shard_of[plan.source]
                 header = self.headers[shard]
                 info = header.tensors[plan.source]
                 buffer = bytearray(info.nbytes)
@@ -434,7 +394,14 @@ class _Pipeline:
                     done += 1
                     done_bytes += plan.nbytes
                     if self.progress:
-                        self.progress(Progress(done, total, done_bytes, total_bytes))
+                        self.progress(
+                            Progress(
+                                tensors_done=done,
+                                tensors_total=total,
+                                bytes_done=done_bytes,
+                                bytes_total=total_bytes,
+                            )
+                        )
                 handle.flush()
                 os.fsync(handle.fileno())
                 size = handle.tell()
@@ -604,13 +571,14 @@ def _cast(buffer: bytearray, plan: TensorPlan) -> bytearray:
 
 def _write_small_files(
     source: Source,
-    files: Mapping[str, int],
     out: Path,
-    plan: Any,
+    plan: MergePlan,
     signature: BaseSignature,
     stamp: Mapping[str, str],
-    headers: Mapping[str, SafetensorsHeader],
 ) -> Iterator[FileEntry]:
+    """The index, config and tokenizer files, and the model card (everything but shards)."""
+    files = source.files()
+
     def write(name: str, data: bytes) -> FileEntry:
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -645,7 +613,7 @@ def _json_file(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _model_card(signature: BaseSignature, stamp: Mapping[str, str], plan: Any) -> str:
+def _model_card(signature: BaseSignature, stamp: Mapping[str, str], plan: MergePlan) -> str:
     base = stamp.get("lora_registry.base", "")
     adapter = stamp.get("lora_registry.adapter", "")
     base_id = base.split("@", 1)[0] if base else signature.config.get("_name_or_path", "")
@@ -695,10 +663,4 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
-
-
-def as_dict(progress: Progress) -> dict[str, int]:
-    return asdict(progress)

@@ -15,31 +15,38 @@ visible only once everything is there:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cli.client import Registry
 from registry.core.basemodel import CONFIG_JSON, INDEX_JSON
 from registry.core.errors import OutputExists, Unavailable
 from registry.core.jobs import Target
 from registry.core.manifest import FileEntry
+from worker.engine import folder_entries
 
 
-class Publisher(Protocol):
+class Publisher:
+    """A target: the engine writes into `staging(work)`, hands over each file as it completes
+    (`add`), and `publish` makes the whole output visible; `abort` undoes what `add` started."""
+
+    out: Path
+
     def staging(self, work: Path) -> Path:
         """Where the engine writes the merged folder (a fresh, empty path)."""
-        ...
+        self.out = work / "merged"
+        return self.out
 
-    def add(self, path: Path, entry: FileEntry) -> None: ...
+    def add(self, entry: FileEntry) -> None:
+        pass
 
-    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+    def publish(self, files: list[FileEntry]) -> str:
         """Make the output visible; returns its location."""
-        ...
+        raise NotImplementedError
 
-    def abort(self) -> None: ...
+    def abort(self) -> None:
+        pass
 
 
 class _Uploads:
@@ -49,8 +56,8 @@ class _Uploads:
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="merge-upload")
         self.futures: list[Future[Any]] = []
 
-    def submit(self, fn: Any, *args: Any) -> None:
-        self.futures.append(self.pool.submit(fn, *args))
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        self.futures.append(self.pool.submit(fn, *args, **kwargs))
 
     def wait(self) -> None:
         try:
@@ -65,24 +72,19 @@ class _Uploads:
         self.pool.shutdown(wait=True)
 
 
-class RegistryTarget:
+class RegistryTarget(Publisher):
     def __init__(self, client: Registry, job_id: str, worker: str) -> None:
         self.client = client
         self.job_id = job_id
         self.worker = worker
         self.uploads = _Uploads()
 
-    def staging(self, work: Path) -> Path:
-        return work / "merged"
+    def add(self, entry: FileEntry) -> None:
+        self.uploads.submit(
+            self.client.upload_merged, self.job_id, self.out, [entry], worker=self.worker
+        )
 
-    def add(self, path: Path, entry: FileEntry) -> None:
-        self.uploads.submit(self._upload, path, entry)
-
-    def _upload(self, path: Path, entry: FileEntry) -> None:
-        folder = path.parent if "/" not in entry.path else Path(str(path)[: -len(entry.path)])
-        self.client.upload_merged(self.job_id, folder, [entry], worker=self.worker)
-
-    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+    def publish(self, files: list[FileEntry]) -> str:
         self.uploads.wait()
         return "registry"
 
@@ -90,7 +92,7 @@ class RegistryTarget:
         self.uploads.abort()
 
 
-class DirTarget:
+class DirTarget(Publisher):
     """The merged folder at PATH on the worker. An existing folder is never overwritten: if it
     already holds exactly this merge (an earlier attempt finished), the job succeeds."""
 
@@ -99,14 +101,12 @@ class DirTarget:
 
     def staging(self, work: Path) -> Path:
         # Beside the final folder, so publishing is a rename on one filesystem.
-        return self.path.parent / f".{self.path.name}.partial-{work.name}"
+        self.out = self.path.parent / f".{self.path.name}.partial-{work.name}"
+        return self.out
 
-    def add(self, path: Path, entry: FileEntry) -> None:
-        pass
-
-    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+    def publish(self, files: list[FileEntry]) -> str:
         if self.path.exists() and any(self.path.iterdir()):
-            if _folder_files(self.path) == sorted(files, key=lambda f: f.path):
+            if folder_entries(self.path) == sorted(files, key=lambda f: f.path):
                 return str(self.path)
             raise OutputExists(
                 f"{self.path} already exists on the worker and holds something else; choose "
@@ -115,14 +115,11 @@ class DirTarget:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self.path.rmdir()
-        folder.rename(self.path)
+        self.out.rename(self.path)
         return str(self.path)
 
-    def abort(self) -> None:
-        pass
 
-
-class S3Target:
+class S3Target(Publisher):
     def __init__(self, bucket: str, prefix: str, job_id: str, client: Any | None = None) -> None:
         if client is None:
             from worker.s3 import s3_client
@@ -138,13 +135,10 @@ class S3Target:
     def _key(self, root: str, path: str) -> str:
         return f"{root}/{path}" if root else path
 
-    def staging(self, work: Path) -> Path:
-        return work / "merged"
-
-    def add(self, path: Path, entry: FileEntry) -> None:
+    def add(self, entry: FileEntry) -> None:
         key = self._key(self.staged_root, entry.path)
         self.staged.append(key)
-        self.uploads.submit(self._upload, path, key)
+        self.uploads.submit(self._upload, self.out / entry.path, key)
 
     def _upload(self, path: Path, key: str) -> None:
         try:
@@ -152,7 +146,7 @@ class S3Target:
         except Exception as exc:
             raise Unavailable(f"upload to s3://{self.bucket}/{key} failed: {exc}") from exc
 
-    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+    def publish(self, files: list[FileEntry]) -> str:
         self.uploads.wait()
         # Readers look for config.json and the index: those land last.
         last = (CONFIG_JSON, INDEX_JSON)
@@ -180,33 +174,24 @@ class S3Target:
         self.staged = []
 
 
-class HubTarget:
+class HubTarget(Publisher):
     def __init__(self, repo: str, branch: str | None, message: str, description: str) -> None:
         self.repo = repo
         self.branch = branch
         self.message = message
         self.description = description
 
-    def staging(self, work: Path) -> Path:
-        return work / "merged"
-
-    def add(self, path: Path, entry: FileEntry) -> None:
-        pass
-
-    def publish(self, folder: Path, files: list[FileEntry]) -> str:
+    def publish(self, files: list[FileEntry]) -> str:
         from worker.hub import publish_to_hub
 
         published = publish_to_hub(
-            folder,
+            self.out,
             self.repo,
             branch=self.branch,
             commit_message=self.message,
             commit_description=self.description,
         )
         return published.commit_url or f"hub:{self.repo}"
-
-    def abort(self) -> None:
-        pass
 
 
 def make_target(
@@ -227,20 +212,3 @@ def make_target(
         f"Merge LoRA adapter {adapter} into {base}",
         f"Merged by lora-registry (job {job_id}): adapter {adapter}, base {base}.",
     )
-
-
-def _folder_files(folder: Path) -> list[FileEntry]:
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-        entries.append(
-            FileEntry(path.relative_to(folder).as_posix(), path.stat().st_size, digest.hexdigest())
-        )
-    return entries
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from registry.core.errors import InvalidBase
-from registry.core.safetensors_header import header_length, parse_header
+from registry.core.safetensors_header import SafetensorsHeader, header_length, parse_header
 
 CONFIG_JSON = "config.json"
 INDEX_JSON = "model.safetensors.index.json"
@@ -95,6 +95,14 @@ def read_signature(files: Mapping[str, int], read: ReadRange) -> tuple[BaseSigna
 
     Reads config.json, the index if any, and for each shard 8 bytes plus its header.
     """
+    signature, _, bytes_read = read_checkpoint(files, read)
+    return signature, bytes_read
+
+
+def read_checkpoint(
+    files: Mapping[str, int], read: ReadRange
+) -> tuple[BaseSignature, dict[str, SafetensorsHeader], int]:
+    """`read_signature` plus each shard's parsed header (tensor offsets: what a merge streams)."""
     bytes_read = 0
 
     def read_all(path: str) -> bytes:
@@ -115,12 +123,13 @@ def read_signature(files: Mapping[str, int], read: ReadRange) -> tuple[BaseSigna
     config = parse_json_object(read_all(CONFIG_JSON), CONFIG_JSON)
     index = parse_json_object(read_all(INDEX_JSON), INDEX_JSON) if INDEX_JSON in files else None
     tensors: dict[str, BaseTensor] = {}
+    headers: dict[str, SafetensorsHeader] = {}
     for shard in shard_files(files, index):
         prefix = read(shard, 0, 8)
         length = header_length(prefix, file_size=files[shard], name=shard)
         raw = read(shard, 8, length)
         bytes_read += len(prefix) + len(raw)
-        header = parse_header(raw, file_size=files[shard], name=shard)
+        header = headers[shard] = parse_header(raw, file_size=files[shard], name=shard)
         for name, info in header.tensors.items():
             if name in tensors:
                 raise InvalidBase(
@@ -136,4 +145,4 @@ def read_signature(files: Mapping[str, int], read: ReadRange) -> tuple[BaseSigna
                 f"{stray[0]}; the checkpoint is incomplete or mixed",
                 tensor=stray[0],
             )
-    return BaseSignature(config=config, tensors=tensors), bytes_read
+    return BaseSignature(config=config, tensors=tensors), headers, bytes_read
