@@ -8,7 +8,11 @@ through huggingface_hub's ranged header reads (honouring HF_TOKEN and HF_ENDPOIN
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,29 +116,18 @@ def hub_signature(repo_id: str, revision: str | None) -> LocalBase:
     """
     try:
         from huggingface_hub import HfApi, hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise InvalidInput(
             "--from hf needs huggingface_hub: pip install 'lora-registry[worker]'"
         ) from exc
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=os.environ.get("HF_TOKEN"))
-    try:
+    with hub_read_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision)
         commit = info.sha or revision
         config_path = hf_hub_download(
             repo_id, CONFIG_JSON, revision=commit, token=os.environ.get("HF_TOKEN")
         )
         metadata = api.get_safetensors_metadata(repo_id, revision=commit)
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403, 404):
-            raise InvalidBase(
-                f"{repo_id}@{revision or 'main'} is not readable on the Hub (HTTP {status}); check "
-                "the id and revision, and set HF_TOKEN for private or gated models"
-            ) from exc
-        raise Unavailable(f"the Hugging Face Hub did not answer for {repo_id}: {exc}") from exc
-    except OSError as exc:
-        raise Unavailable(f"cannot reach the Hugging Face Hub for {repo_id}: {exc}") from exc
     config_bytes = Path(config_path).read_bytes()
     config = parse_json_object(config_bytes, CONFIG_JSON)
     tensors: dict[str, BaseTensor] = {}
@@ -145,3 +138,35 @@ def hub_signature(repo_id: str, revision: str | None) -> LocalBase:
     if not tensors:
         raise InvalidBase(f"{repo_id} has no safetensors weights on the Hub")
     return LocalBase(BaseSignature(config=config, tensors=tensors), read, commit)
+
+
+@contextmanager
+def hub_read_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Reading a model from the Hub: its errors as registry errors. An id the library rejects or
+    a repository it will not show (401/403/404) is `InvalidBase`; anything else `Unavailable`."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        yield
+    except HFValidationError as exc:
+        raise InvalidBase(f"{repo_id!r} is not a Hugging Face repository id: {exc}") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            raise InvalidBase(
+                f"{repo_id}@{revision or 'main'} is not readable on the Hub (HTTP {status}); check "
+                "the id and revision, and set HF_TOKEN for private or gated models"
+            ) from exc
+        raise Unavailable(f"the Hugging Face Hub did not answer for {repo_id}: {exc}") from exc
+    except hub_network_errors() as exc:
+        raise Unavailable(f"cannot reach the Hugging Face Hub for {repo_id}: {exc}") from exc
+
+
+def hub_network_errors() -> tuple[type[Exception], ...]:
+    """Connection failures as the installed huggingface_hub raises them: httpx2 (2.x) or httpx
+    (1.x) transport errors, or OSError (requests in 0.x; a cache miss while offline)."""
+    errors: list[type[Exception]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)

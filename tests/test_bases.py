@@ -346,3 +346,22 @@ def test_copying_a_base_keeps_it_checkable(tmp_path: Path, base_dir: Callable[..
     from cli.bases import folder_signature
 
     assert folder_signature(source).signature.config["model_type"] == "llama"
+
+
+def test_an_unreachable_hub_is_unavailable_whatever_transport_huggingface_hub_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """huggingface_hub 2.x raises httpx2 transport errors, which are not OSError: they must
+    still be `unavailable` (exit 7, retry later), not a traceback."""
+    import httpx2
+    import huggingface_hub
+
+    from cli.bases import hub_signature
+    from registry.core.errors import Unavailable
+
+    def refuse(self: object, *args: object, **kwargs: object) -> None:
+        raise httpx2.ConnectError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refuse)
+    with pytest.raises(Unavailable, match="cannot reach the Hugging Face Hub"):
+        hub_signature("org/model", None)

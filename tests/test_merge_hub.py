@@ -27,7 +27,8 @@ from huggingface_hub.utils import filter_repo_objects, hf_raise_for_status
 
 from registry.core.errors import InvalidBase, InvalidInput, InvalidTarget, NotPermitted, Unavailable
 from registry.core.jobs import parse_target
-from worker.hub import HubPublished, hub_snapshot, parse_hub_target, publish_to_hub
+from tests.support.merging import folder_bytes, merged_like_a_worker
+from worker.hub import HubPublished, hub_snapshot, publish_to_hub
 
 ENDPOINT = "https://hub.example.test"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -168,12 +169,6 @@ def merged(tmp_path: Path) -> Path:
     return folder
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-    }
-
-
 # --- targets ------------------------------------------------------------------------------------
 
 
@@ -187,10 +182,9 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     ],
 )
 def test_hub_targets_parse_to_repo_and_branch(text: str, expected: tuple[str, str | None]) -> None:
-    assert parse_hub_target(text) == expected
-    # The same text is a valid `hub:` merge target, naming the same repository and branch.
     target = parse_target(f"hub:{text}")
-    assert (target.repo, target.branch) == expected
+    assert (target.kind, target.repo, target.branch) == ("hub", *expected)
+    assert str(target) == f"hub:{text}"
 
 
 @pytest.mark.parametrize(
@@ -221,8 +215,8 @@ def test_hub_targets_parse_to_repo_and_branch(text: str, expected: tuple[str, st
     ],
 )
 def test_bad_hub_targets_are_invalid_target(text: str) -> None:
-    with pytest.raises(InvalidTarget, match="org/repo or org/repo@branch") as caught:
-        parse_hub_target(text)
+    with pytest.raises(InvalidTarget, match="hub:org/repo or hub:org/repo@branch") as caught:
+        parse_target(f"hub:{text}")
     assert caught.value.code == "invalid_target"
 
 
@@ -444,7 +438,6 @@ def test_a_merge_job_published_to_the_hub_is_one_private_commit_of_the_merged_fo
 
     from cli.client import Registry
     from tests.conftest import server_environment, start_server, stop_server, unique_name
-    from worker.engine import merge_to_folder
     from worker.runner import Worker
 
     env, _ = server_environment("sqlite-folder", tmp_path, None, pg_database)
@@ -474,11 +467,6 @@ def test_a_merge_job_published_to_the_hub_is_one_private_commit_of_the_merged_fo
     commit = hub.call("create_commit")
     assert commit["revision"] == "release"
     assert name in commit["commit_message"] and "org/tiny" in commit["commit_message"]
-    local = merge_to_folder(
-        adapter,
-        base,
-        tmp_path / "local",
-        provenance={"adapter": f"{name}@1", "adapter_digest": digest, "base": "org/tiny"},
+    assert commit["files"] == merged_like_a_worker(
+        adapter, base, tmp_path / "local", ref=f"{name}@1", digest=digest, base_id="org/tiny"
     )
-    assert commit["files"] == folder_bytes(tmp_path / "local")
-    assert sorted(commit["files"]) == sorted(f.path for f in local.files)

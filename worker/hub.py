@@ -10,30 +10,21 @@ here, once. Called by the merge worker (`worker.targets`, `worker.runner`); no s
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
+from cli.bases import hub_network_errors, hub_read_errors
 from registry.core.errors import (
-    InvalidBase,
     InvalidInput,
     InvalidTarget,
     NotPermitted,
     RegistryError,
     Unavailable,
 )
-
-# The Hub's own rules for a repository id (huggingface_hub.utils.validate_repo_id), with the owner
-# required; and a git branch name as the Hub accepts it, kept to a safe subset.
-_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
-_REPO_RE = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
-_BRANCH_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 
 # What a merge needs from a base repository: weights, configs (config.json, the shard index,
 # generation_config.json, tokenizer JSONs) and tokenizer files (sentencepiece, merges/vocab,
@@ -49,31 +40,6 @@ class HubPublished:
     commit_oid: str
     commit_url: str
     files: list[str]  # relative posix paths, sorted
-
-
-def parse_hub_target(text: str) -> tuple[str, str | None]:
-    """(repo id, branch or None) from `org/repo` or `org/repo@branch`; raises `InvalidTarget`."""
-    repo_id, at, branch = text.partition("@")
-    why = None
-    if not _REPO_RE.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
-        why = (
-            "the repository id must be owner/name, each part letters, digits, '-', '_' or '.' "
-            "(each at most 96 characters, not starting or ending with '-' or '.', no '--' or '..')"
-        )
-    elif repo_id.endswith(".git"):
-        why = "the repository id cannot end with .git"
-    elif at and (not _BRANCH_RE.fullmatch(branch) or _bad_branch(branch)):
-        why = f"{branch!r} is not a branch name"
-    if why:
-        raise InvalidTarget(
-            f"invalid Hub target {text!r}: {why} (use org/repo or org/repo@branch)",
-            target=text[:200],
-        )
-    return repo_id, branch if at else None
-
-
-def _bad_branch(branch: str) -> bool:
-    return ".." in branch or "//" in branch or branch.endswith(("/", ".", ".lock"))
 
 
 def publish_to_hub(
@@ -117,7 +83,7 @@ def publish_to_hub(
         raise InvalidTarget(f"{repo_id!r} is not a Hugging Face repository id: {exc}") from exc
     except HfHubHTTPError as exc:
         raise _publish_error(exc, where) from exc
-    except _network_errors() as exc:
+    except hub_network_errors() as exc:
         raise Unavailable(f"cannot reach the Hugging Face Hub to publish {where}: {exc}") from exc
     return HubPublished(repo_id, branch, info.oid, info.commit_url, files)
 
@@ -143,7 +109,7 @@ def hub_snapshot(
     Only `SNAPSHOT_PATTERNS` are downloaded; never pickles or other weight formats.
     """
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or os.environ.get("HF_TOKEN"))
-    try:
+    with hub_read_errors(repo_id, revision):
         folder = api.snapshot_download(
             repo_id,
             repo_type="model",
@@ -151,28 +117,6 @@ def hub_snapshot(
             allow_patterns=SNAPSHOT_PATTERNS,
             ignore_patterns=NEVER_DOWNLOADED,
         )
-    except HFValidationError as exc:
-        raise InvalidBase(f"{repo_id!r} is not a Hugging Face repository id: {exc}") from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403, 404):
-            raise InvalidBase(
-                f"{repo_id}@{revision or 'main'} is not readable on the Hub (HTTP {status}); check "
-                "the id and revision, and set HF_TOKEN for private or gated models"
-            ) from exc
-        raise Unavailable(f"the Hugging Face Hub did not answer for {repo_id}: {exc}") from exc
-    except _network_errors() as exc:
-        raise Unavailable(f"cannot reach the Hugging Face Hub for {repo_id}: {exc}") from exc
     # The cache keeps each snapshot in a folder named after its commit (snapshots/<sha>).
     path = Path(folder)
     return path, path.name
-
-
-def _network_errors() -> tuple[type[Exception], ...]:
-    """Connection failures as the installed huggingface_hub raises them: httpx2 (2.x) or httpx
-    (1.x) transport errors, or OSError (requests in 0.x; a cache miss while offline)."""
-    errors: list[type[Exception]] = [OSError]
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(module).TransportError)
-    return tuple(errors)

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.client import Registry, default_cache_dir
-from cli.progress import NoProgress
 from registry.core.errors import InvalidBase, LeaseLost, RegistryError
-from registry.core.jobs import Claim, JobError, JobOut, JobResult, parse_target
-from registry.core.jobs import Progress as WireProgress
-from registry.core.schemas import FileSpec, VersionFileOut
-from worker.engine import MergeCancelled, MergeOptions, Progress, merge
+from registry.core.jobs import Claim, JobError, JobOut, JobResult, Progress, parse_target
+from registry.core.schemas import BaseOut, FileSpec
+from worker.engine import MergeCancelled, MergeOptions, merge
 from worker.sources import FolderSource, S3Source, Source
 from worker.targets import make_target
 
@@ -43,7 +41,7 @@ class _Running:
     """What the heartbeat thread shares with the merge."""
 
     job: JobOut
-    progress: WireProgress | None = None
+    progress: Progress | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
 
@@ -155,6 +153,12 @@ class Worker:
             self.client.finish_job(running.job.id, self.name, status, result=result, error=error)
         except LeaseLost:
             log.warning("job %s: lease lost before finishing", running.job.id)
+        except RegistryError as exc:
+            if status != "succeeded":
+                raise
+            # The server refused the result (too large, a blob gone): the job failed, say why.
+            failure = JobError(code=exc.code, message=exc.message)
+            self._finish(running, "failed", error=failure)
 
     def _heartbeat(self, running: _Running, stop: threading.Event, lease_s: int) -> None:
         while not stop.wait(max(1.0, lease_s / 3)):
@@ -176,7 +180,7 @@ class Worker:
         adapter_dir = work / "adapter"
         self.client.pull(job.adapter, adapter_dir, allow_yanked=True)
         base = self.client.base(job.base)
-        source = self._open_base(base.source, base.stored, job.base, base.files or [])
+        source = self._open_base(base)
         target = make_target(
             parse_target(job.target),
             client=self.client,
@@ -188,12 +192,7 @@ class Worker:
         out = target.staging(work)
 
         def progress(p: Progress) -> None:
-            running.progress = WireProgress(
-                tensors_done=p.tensors_done,
-                tensors_total=p.tensors_total,
-                bytes_done=p.bytes_done,
-                bytes_total=p.bytes_total,
-            )
+            running.progress = p  # the heartbeat thread sends the latest
 
         options = MergeOptions(dtype=job.options.dtype, untie=job.options.untie, device=self.device)
         try:
@@ -215,12 +214,11 @@ class Worker:
             )
             if running.lost.is_set():
                 raise LeaseLost()
-            location = target.publish(out, result.files)
+            location = target.publish(result.files)
         except BaseException:
             target.abort()
-            shutil.rmtree(out, ignore_errors=True)
             raise
-        finally:
+        finally:  # staging outside the work folder (dir: targets) is not removed with it
             if out.exists() and not out.is_relative_to(work):
                 shutil.rmtree(out, ignore_errors=True)
         return JobResult(
@@ -231,15 +229,12 @@ class Worker:
             device=result.device,
         )
 
-    def _open_base(
-        self, location: str, stored: bool, ref: str, files: list[VersionFileOut]
-    ) -> Source:
+    def _open_base(self, base: BaseOut) -> Source:
         """A readable source for the base's weights, wherever they live."""
-        if stored:  # uploaded to the registry: fetched once into the worker's cache, verified
-            folder = self.cache_dir / "bases" / ref.replace("/", "--")
-            for file in files:
-                self.client._pull_file(file, folder, NoProgress())
-            return FolderSource(folder)
+        if base.stored:  # uploaded to the registry: fetched once into the worker's cache
+            folder = self.cache_dir / "bases" / base.ref.replace("/", "--")
+            return FolderSource(self.client.pull_base(base.ref, folder))
+        location = base.source
         if location.startswith("s3://"):
             bucket, _, prefix = location.removeprefix("s3://").partition("/")
             return S3Source(bucket, prefix)

@@ -34,9 +34,13 @@ MAX_TARGET = 2048
 MAX_MESSAGE = 4000
 
 TargetKind = Literal["registry", "dir", "s3", "hub"]
+Dtype = Literal["bfloat16", "float16", "float32"]  # output dtypes a merge can write
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 TARGET_FORMS = "registry, dir:/absolute/path, s3://bucket/prefix or hub:org/repo[@branch]"
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+# The Hub's own rules for a repository id (huggingface_hub's validate_repo_id) with the owner
+# required, and a git branch name as the Hub accepts it, kept to a safe subset.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _HUB_RE = re.compile(rf"({_HUB_PART}/{_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]{{0,199}}))?")
 
 
@@ -46,7 +50,7 @@ class MergeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    dtype: Dtype | None = None
     untie: bool = False
 
 
@@ -112,10 +116,21 @@ def parse_target(text: str) -> Target:
         return Target(kind="s3", bucket=bucket, prefix=prefix)
     if text.startswith("hub:"):
         match = _HUB_RE.fullmatch(text[len("hub:") :])
-        if not match or ".." in text:
-            raise bad("hub: needs a repository id such as hub:org/model or hub:org/model@branch")
+        if not match or _bad_hub_target(match.group(1), match.group(2)):
+            raise bad(
+                "hub: needs a repository id such as hub:org/repo or hub:org/repo@branch (letters, "
+                "digits, '-', '_', '.'; no '--' or '..'; not ending in .git)"
+            )
         return Target(kind="hub", repo=match.group(1), branch=match.group(2))
     raise bad("unknown kind of target")
+
+
+def _bad_hub_target(repo: str, branch: str | None) -> bool:
+    if "--" in repo or ".." in repo or repo.endswith(".git"):
+        return True
+    return branch is not None and (
+        ".." in branch or "//" in branch or branch.endswith(("/", ".", ".lock"))
+    )
 
 
 def memo_key(
