@@ -24,7 +24,10 @@ RUN pip install ".[all]"
 
 # Run as an unprivileged user; its home is the working directory so the default file:// store
 # and SQLite paths (used only when no LORA_REG_* URLs are given) stay writable.
-RUN useradd --system --uid 10001 --create-home --home-dir /home/app app
+RUN useradd --system --uid 10001 --create-home --home-dir /home/app app \
+    && mkdir -p /var/lib/lora-reg && chown app /var/lib/lora-reg
+# /var/lib/lora-reg: where docker-compose.yml has the server write its bootstrap admin token
+# (a named volume takes this directory's owner, so the app user can write there).
 USER app
 WORKDIR /home/app
 

@@ -83,10 +83,15 @@ from registry.core.schemas import (
     GcOut,
     IdentifyOut,
     Page,
+    Scope,
+    TokenCreate,
+    TokenCreated,
+    TokenOut,
     UploadInstruction,
     UploadPlan,
     VersionFileOut,
     VersionOut,
+    WhoAmI,
     check_metrics,
     check_strings,
 )
@@ -479,6 +484,21 @@ class Registry:
         """Delete blobs no version or stored base references (admin)."""
         body = {"older_than_s": older_than_s, "dry_run": dry_run}
         return GcOut.model_validate(self._json("POST", "/api/v1/blobs/gc", json=body))
+
+    def create_token(self, name: str, scope: Scope) -> TokenCreated:
+        """Create a token (admin); the result holds its secret, which is never shown again."""
+        body = TokenCreate(name=name, scope=scope).model_dump()
+        return TokenCreated.model_validate(self._json("POST", "/api/v1/tokens", json=body))
+
+    def tokens(self, *, revoked: bool = False) -> Sequence[TokenOut]:
+        data = self._json("GET", "/api/v1/tokens", params={"revoked": revoked})
+        return [TokenOut.model_validate(item) for item in data]
+
+    def revoke_token(self, name: str) -> TokenOut:
+        return TokenOut.model_validate(self._json("DELETE", f"/api/v1/tokens/{name}"))
+
+    def whoami(self) -> WhoAmI:
+        return WhoAmI.model_validate(self._json("GET", "/api/v1/whoami"))
 
     def identify(self, path: str | Path, progress: Progress | None = None) -> IdentifyOut:
         """Which registry version a folder or a single file is; only hashes are sent."""

@@ -357,6 +357,7 @@ def _register_commands() -> None:
     )
     from cli.merge_commands import jobs, merge, worker
     from cli.server_commands import db_app, server
+    from cli.token_commands import token_app, whoami
 
     app.add_typer(alias_app, name="alias")
     for command in (history, resolve, audit, identify, yank, gc):
@@ -369,6 +370,8 @@ def _register_commands() -> None:
     app.command()(worker)
     app.command()(server)
     app.add_typer(db_app, name="db")
+    app.add_typer(token_app, name="token")
+    app.command()(whoami)
 
 
 _register_commands()

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from registry import __version__
 from registry.adapters.api import router as adapters_router
 from registry.aliases.api import router as aliases_router
+from registry.auth import PUBLIC, check_routes
 from registry.bases.api import router as bases_router
 from registry.blobs.api import router as blobs_router
 from registry.core.errors import DatabaseUnavailable, RegistryError
@@ -28,6 +29,7 @@ from registry.db import make_engine
 from registry.merges.api import router as merges_router
 from registry.settings import Settings
 from registry.storage import open_store
+from registry.tokens.api import router as tokens_router
 
 log = logging.getLogger("registry")
 
@@ -51,7 +53,10 @@ async def _registry_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RegistryError)
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
-    return problem(exc.status, exc.code, exc.title, exc.message, **exc.details)
+    response = problem(exc.status, exc.code, exc.title, exc.message, **exc.details)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="lora-registry"'
+    return response
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -94,22 +99,24 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = make_engine(settings.sqlalchemy_url)
     app.state.store = open_store(settings)
+    app.state.internal_callers = {}  # sha256 of a secret -> Caller (registry.auth)
     app.include_router(adapters_router)
     app.include_router(blobs_router)
     app.include_router(bases_router)
     app.include_router(aliases_router)
     app.include_router(merges_router)
+    app.include_router(tokens_router)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], dependencies=[PUBLIC])
     def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], dependencies=[PUBLIC])
     async def readyz() -> JSONResponse:
         """The database and the object store are reachable."""
 
@@ -127,4 +134,5 @@ def create_app(settings: Settings) -> FastAPI:
             return problem(exc.status, exc.code, exc.title, exc.message)
         return JSONResponse({"status": "ready"})
 
+    check_routes(app)
     return app

@@ -1,4 +1,6 @@
-"""FastAPI dependencies: the request's database session, the store, the settings, the actor.
+"""FastAPI dependencies: the request's database session, the store, the settings.
+
+Who is calling (tokens, scopes) lives in `registry.auth`.
 
 The session dependency commits when the endpoint returns and rolls back when it raises; with
 `scope="function"` the commit happens before the response is sent, so a client never sees a
@@ -39,13 +41,7 @@ def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
-def get_actor(request: Request) -> str | None:
-    """Who is calling, for audit rows. Tokens arrive with the access-control issue."""
-    return None
-
-
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-ActorDep = Annotated[str | None, Depends(get_actor)]

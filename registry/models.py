@@ -285,3 +285,22 @@ class MergedArtifactFile(SQLModel, table=True):
     path: str = Field(primary_key=True, max_length=255)
     size: int = Field(sa_type=sa.BigInteger)
     sha256: str = Field(max_length=64, index=True)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token: its name (the audit actor), its scope and the sha256 of its secret.
+
+    The secret itself is shown once, when the token is created, and never stored. Revoked tokens
+    keep their row (the audit log names them), so a name is never reused.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    scope: str = Field(max_length=16)
+    secret_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    created_by: str | None = Field(default=None, max_length=200)
+    revoked_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
+    revoked_by: str | None = Field(default=None, max_length=200)

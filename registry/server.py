@@ -7,14 +7,16 @@ because several replicas racing to migrate a shared database at start-up is how 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import threading
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from registry.core.errors import RegistryError
-from registry.db import make_engine, schema_status, upgrade
+from registry.core.errors import Conflict, RegistryError
+from registry.db import make_engine, schema_status, session_scope, upgrade
 from registry.settings import Settings
 
 
@@ -52,7 +54,61 @@ def prepare_database(settings: Settings) -> None:
         )
 
 
-def start_embedded_worker(host: str, port: int) -> threading.Event | None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(settings: Settings, host: str) -> None:
+    """Auth off is for a server on your own machine: refuse to expose it."""
+    if not settings.auth and not is_loopback(host):
+        raise StartupError(
+            f"LORA_REG_AUTH=off would let anyone who reaches {host} push, move aliases and "
+            "delete blobs: bind to 127.0.0.1 (--host 127.0.0.1) or turn auth on"
+        )
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Write a secret readable by its owner only (0600), replacing any older file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # O_CREAT's mode does not apply to an existing file
+        os.write(descriptor, (secret + "\n").encode())
+    finally:
+        os.close(descriptor)
+
+
+def bootstrap_admin_token(settings: Settings) -> None:
+    """First start on a database without tokens: create the `admin` token, print it once and
+    write it to LORA_REG_BOOTSTRAP_TOKEN_FILE (0600)."""
+    from registry.tokens.service import bootstrap_admin
+
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with session_scope(engine) as session:
+            created = bootstrap_admin(session)
+    except Conflict:  # another replica bootstrapped at the same moment
+        return
+    finally:
+        engine.dispose()
+    if created is None:
+        return
+    write_secret(settings.bootstrap_token_file, created.token)
+    print(
+        f"created the bootstrap admin token {created.name!r} (shown once, also written to "
+        f"{settings.bootstrap_token_file}, mode 0600):\n\n    {created.token}\n\n"
+        "use it to create your own tokens: LORA_REG_TOKEN=<it> lora-reg token create NAME "
+        "--scope write",
+        file=sys.stderr,
+    )
+
+
+def start_embedded_worker(host: str, port: int, token: str | None) -> threading.Event | None:
     """One merge worker in a thread of this process, talking HTTP to this server like any other
     worker (so `lora-reg merge` works with no second process). Needs the [worker] extra."""
     try:
@@ -67,7 +123,7 @@ def start_embedded_worker(host: str, port: int) -> threading.Event | None:
     address = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
     stop = threading.Event()
-    client = Registry(url, os.environ.get("LORA_REG_WORKER_TOKEN"))
+    client = Registry(url, token)
     runner = Worker(client, name=f"embedded-{os.getpid()}", poll_s=1.0)
     threading.Thread(target=runner.serve, args=(stop,), name="embedded-worker", daemon=True).start()
     print(f"embedded merge worker {runner.name} started", file=sys.stderr)
@@ -78,9 +134,13 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
     import uvicorn
 
     from registry.app import create_app
+    from registry.auth import issue_internal_token
 
     settings = load_settings()
+    check_auth(settings, host)
     prepare_database(settings)
+    if settings.auth:
+        bootstrap_admin_token(settings)
     app = create_app(settings)
     try:
         app.state.store.check()
@@ -91,7 +151,15 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
         f"(database {settings.database_url.split('@')[-1]}, storage {settings.storage_url})",
         file=sys.stderr,
     )
-    stop = start_embedded_worker(host, port) if embedded_worker else None
+    if not settings.auth:
+        print("auth is off (LORA_REG_AUTH=off): every local caller is an admin", file=sys.stderr)
+    stop = None
+    if embedded_worker:
+        # Its own worker-scope token, known only to this process (or LORA_REG_WORKER_TOKEN).
+        token = os.environ.get("LORA_REG_WORKER_TOKEN") or (
+            issue_internal_token(app, "embedded-worker", "worker") if settings.auth else None
+        )
+        stop = start_embedded_worker(host, port, token)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

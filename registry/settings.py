@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     s3_public_endpoint: str | None = None
     # How many times a merge job is claimed before an expired lease fails it (lease_expired).
     merge_max_attempts: int = Field(default=3, ge=1, le=100)
+    # Bearer tokens are required on every route but /healthz and /readyz. `off` is for a server
+    # on your own machine: the server refuses to bind anything but loopback with auth off.
+    auth: bool = True
+    # Aliases that only admin tokens may move or remove (comma-separated).
+    protected_aliases: str = "production"
+    # Where the first start writes the bootstrap admin token (mode 0600).
+    bootstrap_token_file: Path = DEFAULT_HOME / "admin-token"
 
     @field_validator("database_url")
     @classmethod
@@ -78,6 +85,10 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+    @property
+    def protected_alias_names(self) -> frozenset[str]:
+        return frozenset(name.strip() for name in self.protected_aliases.split(",") if name.strip())
 
     @property
     def is_sqlite(self) -> bool:

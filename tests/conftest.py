@@ -116,9 +116,10 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     bucket: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    token: str | None = None  # the bootstrap admin token, when auth is on
 
-    def client(self, cache_dir: Path) -> Registry:
-        return Registry(self.url, cache_dir=cache_dir)
+    def client(self, cache_dir: Path, token: str | None = None) -> Registry:
+        return Registry(self.url, token or self.token, cache_dir=cache_dir)
 
     def cli(
         self,
@@ -131,7 +132,7 @@ class RunningServer:
         return run_cli(
             *args,
             cwd=cwd or self.workdir,
-            env={"LORA_REG_URL": self.url, **(env or {})},
+            env={"LORA_REG_URL": self.url, "LORA_REG_TOKEN": self.token or "", **(env or {})},
             timeout=timeout,
         )
 
@@ -172,6 +173,8 @@ def server_environment(
     database, store = backend.split("-")
     # Tests that merge start their own workers (or ask for the embedded one explicitly).
     env = {"LORA_REG_CACHE_DIR": str(workdir / "client-cache"), "LORA_REG_EMBEDDED_WORKER": "false"}
+    # Tokens and scopes are tested by tests/test_auth.py, on servers started with auth on.
+    env["LORA_REG_AUTH"] = "off"
     bucket = None
     if database == "postgres":
         env["LORA_REG_DATABASE_URL"] = pg_database()
@@ -198,7 +201,8 @@ def start_server(
 ) -> RunningServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    full_env = {**env, **(extra_env or {})}
+    token_file = workdir / "admin-token"
+    full_env = {"LORA_REG_BOOTSTRAP_TOKEN_FILE": str(token_file), **env, **(extra_env or {})}
     log = open(workdir / f"server-{port}.log", "wb")  # noqa: SIM115  (owned by the process)
     process = subprocess.Popen(
         [*lora_reg_command(), "server", "--port", str(port), "--log-level", "warning"],
@@ -218,7 +222,8 @@ def start_server(
             )
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return RunningServer(backend, url, full_env, workdir, process, bucket)
+                token = token_file.read_text().strip() if token_file.exists() else None
+                return RunningServer(backend, url, full_env, workdir, process, bucket, token=token)
         except httpx.TransportError:
             pass
         time.sleep(0.1)

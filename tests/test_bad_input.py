@@ -288,6 +288,7 @@ def test_the_version_size_limit_is_configurable(tmp_path: Path, good, monkeypatc
         database_url=f"sqlite:///{tmp_path}/r.db",
         storage_url=f"file://{tmp_path}/objects",
         max_version_bytes=1000,
+        auth=False,
     )
     upgrade(settings)
     files = [{"path": p, "size": len(b), "sha256": sha(b)} for p, b in good.items()]
@@ -432,7 +433,9 @@ def test_multipart_completion_on_the_folder_store_is_a_clear_error(tmp_path: Pat
     from registry.settings import Settings
 
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{tmp_path}/objects"
+        database_url=f"sqlite:///{tmp_path}/r.db",
+        storage_url=f"file://{tmp_path}/objects",
+        auth=False,
     )
     upgrade(settings)
     body = {"upload_id": "x", "key": "uploads/x", "size": 1, "parts": []}

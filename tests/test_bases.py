@@ -255,7 +255,7 @@ def test_the_server_can_require_compatibility_for_every_push(
     )
     try:
         with (
-            Registry(strict.url, cache_dir=tmp_path / "cache") as client,
+            strict.client(tmp_path / "cache") as client,  # auth on: the bootstrap token
             pytest.raises(BaseNotFound),
         ):
             client.push(adapter_dir("llama"), unique_name(), base="org/unregistered")

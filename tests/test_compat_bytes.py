@@ -108,7 +108,9 @@ def test_checks_against_a_registered_base_read_no_base_bytes(
     tmp_path: Path, adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]
 ) -> None:
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{tmp_path}/objects"
+        database_url=f"sqlite:///{tmp_path}/r.db",
+        storage_url=f"file://{tmp_path}/objects",
+        auth=False,
     )
     upgrade(settings)
     app = create_app(settings)

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.client import Registry, default_cache_dir
-from registry.core.errors import InvalidBase, LeaseLost, RegistryError
+from registry.core.errors import (
+    InvalidBase,
+    LeaseLost,
+    NotAuthenticated,
+    NotPermitted,
+    RegistryError,
+)
 from registry.core.jobs import Claim, JobError, JobOut, JobResult, Progress, parse_target
 from registry.core.schemas import BaseOut, FileSpec
 from worker.engine import MergeCancelled, MergeOptions, merge
@@ -65,10 +71,12 @@ class Worker:
         self.poll_s = poll_s
         self.work_dir = Path(work_dir or tempfile.gettempdir()) / "lora-reg-worker"
         self.cache_dir = Path(cache_dir or default_cache_dir())
+        self.refused: RegistryError | None = None  # the server refused our token: stop
 
     def serve(self, stop: threading.Event, concurrency: int = 1) -> None:
         """Claim and run jobs until `stop` is set, `concurrency` at a time (each slot claims
-        under a name of its own, so the server never confuses two of them)."""
+        under a name of its own, so the server never confuses two of them). Raises
+        not_authenticated / not_permitted at once when the server refuses the token."""
         slots = [self] if concurrency == 1 else []
         for i in range(len(slots), concurrency):
             slot = copy.copy(self)
@@ -82,11 +90,19 @@ class Worker:
             thread.start()
         for thread in threads:
             thread.join()
+        refused = next((slot.refused for slot in slots if slot.refused is not None), None)
+        if refused is not None:
+            raise refused
 
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 worked = self.run_once()
+            except (NotAuthenticated, NotPermitted) as exc:  # retrying cannot help: stop all
+                log.error("worker %s: %s", self.name, exc.message)
+                self.refused = exc
+                stop.set()
+                return
             except RegistryError as exc:  # the server is away: keep trying, quietly
                 log.warning("worker %s: %s", self.name, exc.message)
                 worked = False

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service
+from registry.auth import READ, WRITE, ReadAccess, WriteAccess, check_alias_move
 from registry.core.compat import CompatReport
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
@@ -20,7 +21,7 @@ from registry.core.schemas import (
     VersionOut,
     parse_pairs,
 )
-from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
 
@@ -32,7 +33,7 @@ def _name(namespace: str, name: str) -> AdapterName:
     return AdapterName(check_part("namespace", namespace), check_part("name", name))
 
 
-@router.get("", response_model=Page[AdapterOut])
+@router.get("", response_model=Page[AdapterOut], dependencies=[READ])
 def list_adapters(
     session: ReadSessionDep,
     namespace: str | None = None,
@@ -55,12 +56,12 @@ def list_adapters(
     )
 
 
-@router.get("/{namespace}/{name}", response_model=AdapterOut)
+@router.get("/{namespace}/{name}", response_model=AdapterOut, dependencies=[READ])
 def get_adapter(session: ReadSessionDep, namespace: str, name: str) -> AdapterOut:
     return service.get_adapter(session, _name(namespace, name))
 
 
-@router.get("/{namespace}/{name}/versions", response_model=Page[VersionOut])
+@router.get("/{namespace}/{name}/versions", response_model=Page[VersionOut], dependencies=[READ])
 def list_versions(
     session: ReadSessionDep,
     namespace: str,
@@ -75,7 +76,9 @@ def list_versions(
     )
 
 
-@router.get("/{namespace}/{name}/versions/{selector}", response_model=VersionOut)
+@router.get(
+    "/{namespace}/{name}/versions/{selector}", response_model=VersionOut, dependencies=[READ]
+)
 def get_version(session: ReadSessionDep, namespace: str, name: str, selector: str) -> VersionOut:
     """One version with its files; `selector` is a number, `latest`, an alias or a digest."""
     adapter = _name(namespace, name)
@@ -83,7 +86,11 @@ def get_version(session: ReadSessionDep, namespace: str, name: str, selector: st
     return service.version_out(session, adapter, version, with_files=True)
 
 
-@router.get("/{namespace}/{name}/versions/{selector}/files", response_model=list[VersionFileOut])
+@router.get(
+    "/{namespace}/{name}/versions/{selector}/files",
+    response_model=list[VersionFileOut],
+    dependencies=[READ],
+)
 def get_version_files(
     session: ReadSessionDep, namespace: str, name: str, selector: str
 ) -> list[VersionFileOut]:
@@ -96,7 +103,7 @@ def get_version_files(
 def check_version(
     session: SessionDep,
     store: StoreDep,
-    actor: ActorDep,
+    caller: ReadAccess,
     namespace: str,
     name: str,
     selector: str,
@@ -105,10 +112,10 @@ def check_version(
     """Check a version against a registered base (default: its own) and an optional serving
     profile, from headers only. A plain check against its own base is recorded on the version."""
     ref = Reference(_name(namespace, name), parse_selector(selector))
-    return service.check_version(session, store, ref, request, actor)
+    return service.check_version(session, store, ref, request, caller.name)
 
 
-@router.post("/{namespace}/{name}/uploads", response_model=UploadPlan)
+@router.post("/{namespace}/{name}/uploads", response_model=UploadPlan, dependencies=[WRITE])
 def plan_upload(
     session: SessionDep,
     store: StoreDep,
@@ -132,15 +139,17 @@ def commit_version(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    caller: WriteAccess,
     namespace: str,
     name: str,
     request: CommitRequest,
     response: Response,
 ) -> VersionOut:
     """Push step 3: create the version from uploaded blobs (idempotent by content digest)."""
+    if request.alias:
+        check_alias_move(settings, caller, request.alias)
     version = service.commit_version(
-        session, store, settings, _name(namespace, name), request, actor
+        session, store, settings, _name(namespace, name), request, caller.name
     )
     if not version.created:
         response.status_code = status.HTTP_200_OK

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service as adapters
 from registry.aliases import service
+from registry.auth import READ, WriteAccess, check_alias_move
 from registry.core.errors import InvalidInput
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
@@ -26,7 +27,7 @@ from registry.core.schemas import (
     VersionOut,
     YankRequest,
 )
-from registry.deps import ActorDep, ReadSessionDep, SessionDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/api/v1", tags=["aliases"])
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -38,7 +39,9 @@ def _name(namespace: str, name: str) -> AdapterName:
     return AdapterName(check_part("namespace", namespace), check_part("name", name))
 
 
-@router.get("/adapters/{namespace}/{name}/aliases", response_model=list[AliasOut])
+@router.get(
+    "/adapters/{namespace}/{name}/aliases", response_model=list[AliasOut], dependencies=[READ]
+)
 def list_aliases(session: ReadSessionDep, namespace: str, name: str) -> list[AliasOut]:
     adapter = adapters.get_adapter_row(session, _name(namespace, name))
     return service.list_aliases(session, adapter)
@@ -47,7 +50,8 @@ def list_aliases(session: ReadSessionDep, namespace: str, name: str) -> list[Ali
 @router.put("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
 def set_alias(
     session: SessionDep,
-    actor: ActorDep,
+    settings: SettingsDep,
+    caller: WriteAccess,
     namespace: str,
     name: str,
     alias: str,
@@ -56,23 +60,32 @@ def set_alias(
     """Point an alias at a version (`version`: a number, `sha256:...` or another alias)."""
     adapter_name = _name(namespace, name)
     service.check_alias(alias)
+    check_alias_move(settings, caller, alias)
     adapter = service.lock_adapter(session, adapter_name)
     version = adapters.resolve(session, Reference(adapter_name, parse_selector(request.version)))
-    return service.set_alias(session, adapter, version, alias, actor)
+    return service.set_alias(session, adapter, version, alias, caller.name)
 
 
 @router.delete(
     "/adapters/{namespace}/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT
 )
 def remove_alias(
-    session: SessionDep, actor: ActorDep, namespace: str, name: str, alias: str
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: WriteAccess,
+    namespace: str,
+    name: str,
+    alias: str,
 ) -> Response:
+    check_alias_move(settings, caller, service.check_alias(alias))
     adapter = service.lock_adapter(session, _name(namespace, name))
-    service.remove_alias(session, adapter, service.check_alias(alias), actor)
+    service.remove_alias(session, adapter, alias, caller.name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
+@router.get(
+    "/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut, dependencies=[READ]
+)
 def get_alias(
     session: ReadSessionDep,
     namespace: str,
@@ -87,7 +100,9 @@ def get_alias(
     return service.current_alias(session, adapter, alias)
 
 
-@router.get("/adapters/{namespace}/{name}/history", response_model=Page[AliasMoveOut])
+@router.get(
+    "/adapters/{namespace}/{name}/history", response_model=Page[AliasMoveOut], dependencies=[READ]
+)
 def history(
     session: ReadSessionDep,
     namespace: str,
@@ -101,7 +116,7 @@ def history(
     return service.history(session, adapter, alias, limit, offset)
 
 
-@router.get("/aliases/{alias}", response_model=Page[AliasOut])
+@router.get("/aliases/{alias}", response_model=Page[AliasOut], dependencies=[READ])
 def who_runs(
     session: ReadSessionDep, alias: str, limit: Limit = 100, offset: Offset = 0
 ) -> Page[AliasOut]:
@@ -112,7 +127,7 @@ def who_runs(
 @router.post("/adapters/{namespace}/{name}/versions/{selector}/yank", response_model=VersionOut)
 def yank(
     session: SessionDep,
-    actor: ActorDep,
+    caller: WriteAccess,
     namespace: str,
     name: str,
     selector: str,
@@ -122,11 +137,11 @@ def yank(
     adapter_name = _name(namespace, name)
     adapter = service.lock_adapter(session, adapter_name)
     version = adapters.resolve(session, Reference(adapter_name, parse_selector(selector)))
-    service.yank(session, adapter, version, request.reason, actor)
+    service.yank(session, adapter, version, request.reason, caller.name)
     return adapters.version_out(session, adapter_name, version, with_files=True)
 
 
-@router.post("/identify", response_model=IdentifyOut)
+@router.post("/identify", response_model=IdentifyOut, dependencies=[READ])
 def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
     """Which version a set of files is (by sha256 only: no bytes are sent)."""
     if not request.files or len(request.files) > MAX_IDENTIFY_FILES:
@@ -136,7 +151,7 @@ def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
     return service.identify(session, entries)
 
 
-@router.get("/audit", response_model=Page[AuditEventOut])
+@router.get("/audit", response_model=Page[AuditEventOut], dependencies=[READ])
 def audit(
     session: ReadSessionDep,
     since: datetime | None = None,

@@ -6,17 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from registry.auth import READ, WRITE, WriteAccess
 from registry.bases import service
 from registry.core.names import parse_base
 from registry.core.schemas import BaseOut, BaseRegisterRequest, Page, UploadPlan, UploadPlanRequest
-from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/api/v1/bases", tags=["bases"])
 
 MAX_PAGE = 500
 
 
-@router.get("", response_model=Page[BaseOut])
+@router.get("", response_model=Page[BaseOut], dependencies=[READ])
 def list_bases(
     session: ReadSessionDep,
     id: str | None = None,
@@ -39,18 +40,18 @@ def register_base(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    caller: WriteAccess,
     request: BaseRegisterRequest,
     response: Response,
 ) -> BaseOut:
     """Register a base from an S3 prefix, uploaded files, or a signature the client read."""
-    base = service.register_base(session, store, settings, request, actor)
+    base = service.register_base(session, store, settings, request, caller.name)
     if not base.created:
         response.status_code = status.HTTP_200_OK
     return base
 
 
-@router.post("/uploads", response_model=UploadPlan)
+@router.post("/uploads", response_model=UploadPlan, dependencies=[WRITE])
 def plan_upload(
     session: SessionDep, store: StoreDep, settings: SettingsDep, request: UploadPlanRequest
 ) -> UploadPlan:
@@ -58,7 +59,7 @@ def plan_upload(
     return service.plan_upload(session, store, settings, request.files)
 
 
-@router.get("/{ref:path}", response_model=BaseOut)
+@router.get("/{ref:path}", response_model=BaseOut, dependencies=[READ])
 def get_base(session: ReadSessionDep, ref: str, tensors: bool = False) -> BaseOut:
     """One base, `org/model` (latest registered revision) or `org/model@revision`; with
     `?tensors=true` its whole tensor signature."""

@@ -19,11 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.requests import ClientDisconnect
 
+from registry.auth import READ, UPLOAD, AdminAccess
 from registry.blobs import service
 from registry.core.errors import InvalidReference, UploadIncomplete, VersionTooLarge
 from registry.core.names import parse_selector
 from registry.core.schemas import CompleteMultipart, GcOut, GcRequest
-from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.storage.folder import FolderStore
 
 router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"])
@@ -72,7 +73,7 @@ class _BodyReader(io.RawIOBase):
         return data
 
 
-@router.put("/{digest}", status_code=status.HTTP_204_NO_CONTENT)
+@router.put("/{digest}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[UPLOAD])
 async def put_blob(
     digest: str,
     request: Request,
@@ -93,7 +94,7 @@ async def put_blob(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{digest}/multipart", status_code=status.HTTP_204_NO_CONTENT)
+@router.post("/{digest}/multipart", status_code=status.HTTP_204_NO_CONTENT, dependencies=[UPLOAD])
 def complete_multipart(
     digest: str, body: CompleteMultipart, session: SessionDep, store: StoreDep
 ) -> Response:
@@ -106,7 +107,7 @@ def complete_multipart(
 
 @router.post("/gc", response_model=GcOut)
 def collect_garbage(
-    session: SessionDep, store: StoreDep, actor: ActorDep, request: GcRequest
+    session: SessionDep, store: StoreDep, caller: AdminAccess, request: GcRequest
 ) -> GcOut:
     """Delete blobs no version or stored base references (recorded before `older_than_s`)."""
     return service.collect_garbage(
@@ -114,7 +115,7 @@ def collect_garbage(
         store,
         older_than=timedelta(seconds=request.older_than_s),
         dry_run=request.dry_run,
-        actor=actor,
+        actor=caller.name,
     )
 
 
@@ -122,6 +123,7 @@ def collect_garbage(
     "/{digest}",
     responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
     response_class=Response,
+    dependencies=[READ],
 )
 def get_blob(digest: str, session: ReadSessionDep, store: StoreDep) -> Response:
     """A blob's bytes (folder store) or a redirect to a presigned URL (S3 store)."""

@@ -141,6 +141,12 @@ class NotPermitted(RegistryError):
     code = "not_permitted"
 
 
+class ProtectedAlias(NotPermitted):
+    """This alias is protected: only an admin token may move or remove it."""
+
+    code = "protected_alias"
+
+
 # --- 400 / 413 / 422 ---------------------------------------------------------------------------
 
 

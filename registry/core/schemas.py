@@ -387,3 +387,49 @@ class Problem(BaseModel):
     detail: str
     code: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+Scope = Literal["read", "write", "admin", "worker"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin", "worker")
+TOKEN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_token_name(name: str) -> str:
+    if not TOKEN_NAME_RE.fullmatch(name):
+        raise InvalidInput(
+            f"invalid token name {name!r}: use 1-64 of lower-case letters, digits, '.', '_', '-' "
+            "starting with a letter or digit (e.g. ci-push or merge-worker-1)",
+            name=name,
+        )
+    return name
+
+
+class TokenCreate(BaseModel):
+    name: str
+    scope: Scope
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_token_name(value)
+
+
+class TokenOut(BaseModel):
+    name: str
+    scope: Scope
+    created_at: datetime
+    created_by: str | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+
+class TokenCreated(TokenOut):
+    token: str  # the secret: shown once, never stored
+
+
+class WhoAmI(BaseModel):
+    name: str | None  # None: the server runs with LORA_REG_AUTH=off
+    scope: Scope
+    auth: bool

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from registry.auth import READ, WORKER, WorkerAccess, WriteAccess
 from registry.core.jobs import (
     ArtifactOut,
     Claim,
@@ -22,7 +23,7 @@ from registry.core.jobs import (
     MergeRequest,
 )
 from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
-from registry.deps import ActorDep, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.merges import service
 
 router = APIRouter(prefix="/api/v1/merges", tags=["merges"])
@@ -43,19 +44,19 @@ def request_merge(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    caller: WriteAccess,
     request: MergeRequest,
     response: Response,
 ) -> JobOut:
     """Queue a merge of an adapter version into a registered base (checked with the merge
     profile first). A request matching a succeeded job returns it (`memoized`) unless `force`."""
-    job = service.request_merge(session, store, settings, request, actor)
+    job = service.request_merge(session, store, settings, request, caller.name)
     if not job.created:
         response.status_code = status.HTTP_200_OK
     return job
 
 
-@router.get("", response_model=Page[JobOut])
+@router.get("", response_model=Page[JobOut], dependencies=[READ])
 def list_jobs(
     session: ReadSessionDep,
     status: str | None = None,
@@ -71,38 +72,38 @@ def list_jobs(
     response_model=Claim,
     responses={204: {"description": "no job is waiting"}},
 )
-def claim(session: SessionDep, actor: ActorDep, request: ClaimRequest) -> Claim | Response:
+def claim(session: SessionDep, caller: WorkerAccess, request: ClaimRequest) -> Claim | Response:
     """Worker: take the oldest queued job with a lease (204 when there is none)."""
-    claimed = service.claim(session, request, actor)
+    claimed = service.claim(session, request, caller.name)
     if claimed is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return claimed
 
 
-@router.get("/artifacts/{digest}", response_model=ArtifactOut)
+@router.get("/artifacts/{digest}", response_model=ArtifactOut, dependencies=[READ])
 def get_artifact(session: ReadSessionDep, digest: str) -> ArtifactOut:
     """A merged artifact and its files (with download URLs when it is stored here)."""
     return service.get_artifact(session, digest)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, dependencies=[READ])
 def get_job(session: ReadSessionDep, job_id: str) -> JobOut:
     return service.get_job(session, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel(session: SessionDep, actor: ActorDep, job_id: str) -> JobOut:
+def cancel(session: SessionDep, caller: WriteAccess, job_id: str) -> JobOut:
     """Cancel a queued job at once, or ask the worker running it to stop."""
-    return service.cancel(session, job_id, actor)
+    return service.cancel(session, job_id, caller.name)
 
 
-@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut)
+@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut, dependencies=[WORKER])
 def heartbeat(session: SessionDep, job_id: str, request: HeartbeatRequest) -> HeartbeatOut:
     """Worker: renew the lease and report progress; 409 lease_lost means drop the job."""
     return service.heartbeat(session, job_id, request)
 
 
-@router.post("/{job_id}/uploads", response_model=UploadPlan)
+@router.post("/{job_id}/uploads", response_model=UploadPlan, dependencies=[WORKER])
 def plan_upload(
     session: SessionDep,
     store: StoreDep,
@@ -120,9 +121,9 @@ def finish(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    caller: WorkerAccess,
     job_id: str,
     request: FinishRequest,
 ) -> JobOut:
     """Worker: end the job (succeeded with its result, failed or cancelled with an error)."""
-    return service.finish(session, store, settings, job_id, request, actor)
+    return service.finish(session, store, settings, job_id, request, caller.name)

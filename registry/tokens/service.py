@@ -1,0 +1,101 @@
+"""Token rows: creation, listing, revocation and the bootstrap admin token.
+
+Called by `registry.tokens.api` inside the request transaction (flushes, never commits) and by
+`registry.server` at start-up (`bootstrap_admin`). Secrets are returned once and only their
+sha256 is stored; every creation and revocation writes an audit event.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from registry.auth import new_secret, secret_sha256
+from registry.core.errors import Conflict, NotFound
+from registry.core.schemas import Scope, TokenCreated, TokenOut
+from registry.models import ApiToken, AuditEvent, as_utc
+from registry.repository import for_update
+
+BOOTSTRAP_NAME = "admin"
+
+
+def token_out(row: ApiToken) -> TokenOut:
+    return TokenOut(
+        name=row.name,
+        scope=row.scope,  # type: ignore[arg-type]  # checked on insert
+        created_at=as_utc(row.created_at),
+        created_by=row.created_by,
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
+        revoked_by=row.revoked_by,
+    )
+
+
+def create_token(session: Session, name: str, scope: Scope, actor: str | None) -> TokenCreated:
+    if session.exec(select(ApiToken.id).where(ApiToken.name == name)).first() is not None:
+        raise Conflict(
+            f"a token named {name!r} exists or existed (names are never reused, so the audit "
+            "log stays unambiguous): pick another name",
+            name=name,
+        )
+    secret = new_secret()
+    row = ApiToken(name=name, scope=scope, secret_sha256=secret_sha256(secret), created_by=actor)
+    session.add(row)
+    session.add(
+        AuditEvent(actor=actor, action="token.create", subject=name, details={"scope": scope})
+    )
+    session.flush()
+    return TokenCreated(**token_out(row).model_dump(), token=secret)
+
+
+def list_tokens(session: Session, include_revoked: bool) -> list[TokenOut]:
+    query = select(ApiToken).order_by(col(ApiToken.name))
+    if not include_revoked:
+        query = query.where(col(ApiToken.revoked_at).is_(None))
+    return [token_out(row) for row in session.exec(query).all()]
+
+
+def revoke_token(session: Session, name: str, actor: str | None) -> TokenOut:
+    """Revoke a token (it stops working at once); revoking twice keeps the first revocation.
+
+    The last active admin token cannot be revoked: nobody could create tokens any more.
+    """
+    row = session.exec(for_update(session, select(ApiToken).where(ApiToken.name == name))).first()
+    if row is None:
+        raise NotFound(f"no token named {name!r} (see lora-reg token ls)", name=name)
+    if row.revoked_at is not None:
+        return token_out(row)
+    if row.scope == "admin":
+        admins = session.exec(
+            for_update(
+                session,
+                select(ApiToken.id).where(
+                    ApiToken.scope == "admin", col(ApiToken.revoked_at).is_(None)
+                ),
+            )
+        ).all()
+        if len(admins) <= 1:
+            raise Conflict(
+                f"{name!r} is the last admin token: create another admin token first "
+                "(lora-reg token create NAME --scope admin), then revoke this one",
+                name=name,
+            )
+    row.revoked_at, row.revoked_by = datetime.now(UTC), actor
+    session.add(row)
+    session.add(
+        AuditEvent(actor=actor, action="token.revoke", subject=name, details={"scope": row.scope})
+    )
+    session.flush()
+    return token_out(row)
+
+
+def bootstrap_admin(session: Session) -> TokenCreated | None:
+    """On a database with no token at all, create the admin token; None when there are tokens.
+
+    Replicas starting together race on the unique name: the loser's insert fails and it returns
+    None (the caller commits and treats a conflict as 'someone else bootstrapped').
+    """
+    if session.exec(select(sa.func.count()).select_from(ApiToken)).one():
+        return None
+    return create_token(session, BOOTSTRAP_NAME, "admin", actor=None)

@@ -1,0 +1,514 @@
+"""Tokens and scopes: every route enforces its rule, secrets are shown once and stored hashed,
+protected aliases move only by admin, and the audit log names the token behind each change.
+
+The authorization matrix walks the app's own route table, so a route added without a rule (or
+with a rule that differs from EXPECTED below) fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import col, select
+
+from registry.app import create_app
+from registry.auth import route_rules
+from registry.db import make_engine, session_scope, upgrade
+from registry.models import ApiToken, AuditEvent
+from registry.settings import Settings
+from registry.tokens import service as tokens
+from tests.conftest import (
+    BACKENDS,
+    RunningServer,
+    run_cli,
+    server_environment,
+    start_server,
+    stop_server,
+    unique_name,
+)
+from tests.support.files import manifest
+
+# What each route needs: written out here, independently of registry/auth.py.
+EXPECTED: dict[tuple[str, str], str] = {
+    ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
+    ("GET", "/api/v1/adapters"): "read",
+    ("GET", "/api/v1/adapters/{namespace}/{name}"): "read",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/versions"): "read",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/versions/{selector}"): "read",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/versions/{selector}/files"): "read",
+    ("POST", "/api/v1/adapters/{namespace}/{name}/versions/{selector}/check"): "read",
+    ("POST", "/api/v1/adapters/{namespace}/{name}/uploads"): "write",
+    ("POST", "/api/v1/adapters/{namespace}/{name}/versions"): "write",
+    ("POST", "/api/v1/adapters/{namespace}/{name}/versions/{selector}/yank"): "write",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/aliases"): "read",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/aliases/{alias}"): "read",
+    ("PUT", "/api/v1/adapters/{namespace}/{name}/aliases/{alias}"): "write",
+    ("DELETE", "/api/v1/adapters/{namespace}/{name}/aliases/{alias}"): "write",
+    ("GET", "/api/v1/adapters/{namespace}/{name}/history"): "read",
+    ("GET", "/api/v1/aliases/{alias}"): "read",
+    ("POST", "/api/v1/identify"): "read",
+    ("GET", "/api/v1/audit"): "read",
+    ("GET", "/api/v1/bases"): "read",
+    ("GET", "/api/v1/bases/{ref:path}"): "read",
+    ("POST", "/api/v1/bases"): "write",
+    ("POST", "/api/v1/bases/uploads"): "write",
+    ("GET", "/api/v1/blobs/{digest}"): "read",
+    ("PUT", "/api/v1/blobs/{digest}"): "upload",
+    ("POST", "/api/v1/blobs/{digest}/multipart"): "upload",
+    ("POST", "/api/v1/blobs/gc"): "admin",
+    ("GET", "/api/v1/merges"): "read",
+    ("GET", "/api/v1/merges/{job_id}"): "read",
+    ("GET", "/api/v1/merges/artifacts/{digest}"): "read",
+    ("POST", "/api/v1/merges"): "write",
+    ("POST", "/api/v1/merges/{job_id}/cancel"): "write",
+    ("POST", "/api/v1/merges/claim"): "worker",
+    ("POST", "/api/v1/merges/{job_id}/heartbeat"): "worker",
+    ("POST", "/api/v1/merges/{job_id}/uploads"): "worker",
+    ("POST", "/api/v1/merges/{job_id}/finish"): "worker",
+    ("POST", "/api/v1/tokens"): "admin",
+    ("GET", "/api/v1/tokens"): "admin",
+    ("DELETE", "/api/v1/tokens/{name}"): "admin",
+    ("GET", "/api/v1/whoami"): "read",
+}
+# Which token scopes each need admits (DESIGN §10: read < write < admin, and worker).
+ADMITS: dict[str, set[str]] = {
+    "public": {"read", "write", "admin", "worker"},
+    "read": {"read", "write", "admin", "worker"},
+    "write": {"write", "admin"},
+    "admin": {"admin"},
+    "worker": {"worker", "admin"},
+    "upload": {"write", "worker", "admin"},
+}
+SCOPES = ("read", "write", "admin", "worker")
+BAD_CREDENTIALS = ("none", "malformed", "unknown", "revoked")
+PATH_VALUES = {
+    "namespace": "nobody",
+    "name": "nothing",
+    "selector": "1",
+    "digest": "sha256:" + "0" * 64,
+    "ref:path": "nobody/nothing",
+    "job_id": "0" * 32,
+    "alias": "staging",
+}
+
+
+def concrete(path: str) -> str:
+    return re.sub(r"\{([\w:]+)\}", lambda m: PATH_VALUES[m.group(1)], path)
+
+
+@pytest.fixture(scope="module")
+def secured(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """An app with auth on (SQLite) and one secret per credential kind."""
+    workdir = tmp_path_factory.mktemp("secured")
+    settings = Settings(
+        database_url=f"sqlite:///{workdir}/r.db", storage_url=f"file://{workdir}/objects"
+    )
+    upgrade(settings)
+    engine = make_engine(settings.sqlalchemy_url)
+    secrets: dict[str, str] = {}
+    with session_scope(engine) as session:
+        for scope in SCOPES:
+            secrets[scope] = tokens.create_token(session, f"t-{scope}", scope, None).token
+        secrets["revoked"] = tokens.create_token(session, "t-revoked", "admin", None).token
+        tokens.revoke_token(session, "t-revoked", None)
+    engine.dispose()
+    secrets["unknown"] = "lrt_" + "A" * 43
+    secrets["malformed"] = "not-a-token"
+    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+        yield http, secrets
+
+
+def headers_for(kind: str, secrets: dict[str, str]) -> dict[str, str]:
+    return {} if kind == "none" else {"Authorization": f"Bearer {secrets[kind]}"}
+
+
+def test_every_route_of_the_app_has_the_expected_rule() -> None:
+    """A new route must be added to EXPECTED (and so declare a rule) or this fails."""
+    app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
+    declared = {(rule.method, rule.path): rule.need for rule in route_rules(app)}
+    assert declared == EXPECTED
+
+
+@pytest.mark.parametrize("kind", [*BAD_CREDENTIALS, *SCOPES])
+@pytest.mark.parametrize(("method", "path"), sorted(EXPECTED))
+def test_authorization_matrix(
+    secured: tuple[TestClient, dict[str, str]], method: str, path: str, kind: str
+) -> None:
+    http, secrets = secured
+    need = EXPECTED[(method, path)]
+    response = http.request(
+        method,
+        concrete(path),
+        json={},
+        headers={**headers_for(kind, secrets), "Content-Length": "2"},
+    )
+    if need == "public":
+        assert response.status_code == 200, response.text
+    elif kind in BAD_CREDENTIALS:
+        assert response.status_code == 401, response.text
+        assert response.json()["code"] == "not_authenticated"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    elif kind in ADMITS[need]:
+        assert response.status_code not in (401, 403), response.text
+    else:
+        assert response.status_code == 403, response.text
+        assert response.json()["code"] == "not_permitted"
+
+
+def test_a_route_without_a_rule_stops_the_app_from_starting() -> None:
+    from fastapi import APIRouter
+
+    from registry.auth import check_routes
+
+    app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
+    router = APIRouter()
+
+    @router.get("/api/v1/forgotten")
+    def forgotten() -> dict[str, str]:
+        return {}
+
+    app.include_router(router)
+    with pytest.raises(RuntimeError, match="GET /api/v1/forgotten"):
+        check_routes(app)
+
+
+# --- tokens through the API ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_with_admin(tmp_path: Path) -> Iterator[tuple[TestClient, Settings, str]]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=f"file://{tmp_path}/objects"
+    )
+    upgrade(settings)
+    engine = make_engine(settings.sqlalchemy_url)
+    with session_scope(engine) as session:
+        created = tokens.bootstrap_admin(session)
+        assert created is not None
+        assert tokens.bootstrap_admin(session) is None  # only on a database without tokens
+    engine.dispose()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+        yield http, settings, created.token
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_tokens_are_shown_once_stored_hashed_and_revoked_at_once(
+    app_with_admin: tuple[TestClient, Settings, str],
+) -> None:
+    http, settings, admin = app_with_admin
+    created = http.post(
+        "/api/v1/tokens", json={"name": "ci", "scope": "write"}, headers=bearer(admin)
+    )
+    assert created.status_code == 201, created.text
+    secret = created.json()["token"]
+    assert created.json()["created_by"] == "admin"
+    assert http.get("/api/v1/whoami", headers=bearer(secret)).json() == {
+        "name": "ci",
+        "scope": "write",
+        "auth": True,
+    }
+
+    listed = http.get("/api/v1/tokens", headers=bearer(admin)).json()
+    assert {item["name"] for item in listed} == {"admin", "ci"}
+    assert secret not in json.dumps(listed)
+    engine = make_engine(settings.sqlalchemy_url)
+    with session_scope(engine) as session:
+        rows = session.exec(select(ApiToken)).all()
+        assert all(secret not in json.dumps(row.model_dump(mode="json")) for row in rows)
+
+    again = http.post("/api/v1/tokens", json={"name": "ci", "scope": "read"}, headers=bearer(admin))
+    assert again.status_code == 409 and "never reused" in again.json()["detail"]
+    bad = http.post(
+        "/api/v1/tokens", json={"name": "CI push", "scope": "write"}, headers=bearer(admin)
+    )
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid_input"
+    bad_scope = http.post(
+        "/api/v1/tokens", json={"name": "x", "scope": "root"}, headers=bearer(admin)
+    )
+    assert bad_scope.status_code == 422
+
+    revoked = http.delete("/api/v1/tokens/ci", headers=bearer(admin))
+    assert revoked.status_code == 200 and revoked.json()["revoked_by"] == "admin"
+    refused = http.get("/api/v1/adapters", headers=bearer(secret))
+    assert refused.status_code == 401 and "'ci' was revoked" in refused.json()["detail"]
+    assert [t["name"] for t in http.get("/api/v1/tokens", headers=bearer(admin)).json()] == [
+        "admin"
+    ]
+    with_revoked = http.get("/api/v1/tokens?revoked=true", headers=bearer(admin)).json()
+    assert {t["name"] for t in with_revoked} == {"admin", "ci"}
+
+    last = http.delete("/api/v1/tokens/admin", headers=bearer(admin))
+    assert last.status_code == 409 and "last admin token" in last.json()["detail"]
+    assert http.delete("/api/v1/tokens/nobody", headers=bearer(admin)).status_code == 404
+
+    with session_scope(engine) as session:
+        events = session.exec(
+            select(AuditEvent).where(col(AuditEvent.action).startswith("token."))
+        ).all()
+        assert [(e.action, e.subject, e.actor) for e in events] == [
+            ("token.create", "admin", None),
+            ("token.create", "ci", "admin"),
+            ("token.revoke", "ci", "admin"),
+        ]
+    engine.dispose()
+
+
+def push_over_http(
+    http: TestClient, secret: str, folder: Path, name: str, alias: str | None = None
+) -> httpx.Response:
+    """Push step by step (plan, upload through the API, commit) with one token."""
+    files = manifest(folder)
+    plan = http.post(
+        f"/api/v1/adapters/{name}/uploads", json={"files": files}, headers=bearer(secret)
+    )
+    assert plan.status_code == 200, plan.text
+    for item in plan.json()["missing"]:  # the folder store: PUT through the API
+        path = next(f["path"] for f in files if f["sha256"] == item["sha256"])
+        body = (folder / str(path)).read_bytes()
+        put = http.put(item["url"], content=body, headers={**item["headers"], **bearer(secret)})
+        assert put.status_code == 204, put.text
+    commit = {"files": files, **({"alias": alias} if alias else {})}
+    return http.post(f"/api/v1/adapters/{name}/versions", json=commit, headers=bearer(secret))
+
+
+def new_token(http: TestClient, admin: str, name: str, scope: str) -> str:
+    created = http.post(
+        "/api/v1/tokens", json={"name": name, "scope": scope}, headers=bearer(admin)
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["token"])
+
+
+def test_protected_aliases_move_only_by_admin(
+    app_with_admin: tuple[TestClient, Settings, str], adapter_dir: Callable[..., Path]
+) -> None:
+    http, _settings, admin = app_with_admin
+    dev = new_token(http, admin, "dev", "write")
+    name = unique_name()
+    assert push_over_http(http, dev, adapter_dir("llama"), name).status_code == 201
+    aliases = f"/api/v1/adapters/{name}/aliases"
+    staging = http.put(f"{aliases}/staging", json={"version": "1"}, headers=bearer(dev))
+    assert staging.status_code == 200, staging.text
+    refused = http.put(f"{aliases}/production", json={"version": "1"}, headers=bearer(dev))
+    assert refused.status_code == 403 and refused.json()["code"] == "protected_alias"
+    assert "only an admin token" in refused.json()["detail"]
+
+    promoted = http.put(f"{aliases}/production", json={"version": "1"}, headers=bearer(admin))
+    assert promoted.status_code == 200 and promoted.json()["by"] == "admin"
+    removal = http.delete(f"{aliases}/production", headers=bearer(dev))
+    assert removal.status_code == 403 and removal.json()["code"] == "protected_alias"
+    moves = http.get(f"/api/v1/adapters/{name}/history", headers=bearer(dev)).json()["items"]
+    assert [(m["alias"], m["actor"]) for m in moves] == [
+        ("production", "admin"),
+        ("staging", "dev"),
+    ]
+    assert http.delete(f"{aliases}/production", headers=bearer(admin)).status_code == 204
+
+
+def test_push_with_a_protected_alias_by_a_write_token_stores_nothing(
+    app_with_admin: tuple[TestClient, Settings, str], adapter_dir: Callable[..., Path]
+) -> None:
+    http, _settings, admin = app_with_admin
+    dev = new_token(http, admin, "dev", "write")
+    name = unique_name()
+    commit = push_over_http(http, dev, adapter_dir("llama"), name, alias="production")
+    assert commit.status_code == 403 and commit.json()["code"] == "protected_alias"
+    assert http.get(f"/api/v1/adapters/{name}", headers=bearer(dev)).status_code == 404
+    by_admin = push_over_http(http, admin, adapter_dir("llama"), name, alias="production")
+    assert by_admin.status_code == 201, by_admin.text
+
+
+def test_protected_aliases_are_configurable(tmp_path: Path) -> None:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db",
+        storage_url=f"file://{tmp_path}/objects",
+        protected_aliases="production, canary",
+    )
+    assert settings.protected_alias_names == {"production", "canary"}
+
+
+# --- real servers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def secured_server(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_database: Callable[[], str]
+) -> Iterator[RunningServer]:
+    backend = request.param
+    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+    env, bucket = server_environment(backend, workdir, seaweed, pg_database)
+    env["LORA_REG_AUTH"] = "on"
+    if backend.startswith("postgres"):
+        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
+        assert migrate.returncode == 0, migrate.stderr
+    running = start_server(workdir, env, backend, bucket)
+    yield running
+    stop_server(running.process)
+
+
+def as_token(server: RunningServer, secret: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return server.cli(*args, env={"LORA_REG_TOKEN": secret})
+
+    return cli
+
+
+def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: RunningServer) -> None:
+    token_file = Path(secured_server.env["LORA_REG_BOOTSTRAP_TOKEN_FILE"])
+    assert secured_server.token is not None
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    logs = list(secured_server.workdir.glob("server-*.log"))
+    assert sum(log.read_text().count(secured_server.token) for log in logs) == 1
+
+    # A restart on the same database creates no second token and leaves the file alone.
+    stop_server(secured_server.process)
+    again = start_server(
+        secured_server.workdir, secured_server.env, secured_server.backend, secured_server.bucket
+    )
+    try:
+        assert again.token == secured_server.token
+        listed = again.cli("token", "ls", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [t["name"] for t in json.loads(listed.stdout)] == ["admin"]
+        for log in secured_server.workdir.glob("server-*.log"):
+            assert "bootstrap admin token" not in log.read_text() or log.name in {
+                p.name for p in logs
+            }
+    finally:
+        stop_server(again.process)
+
+
+def test_who_moved_what_and_when_across_actors(
+    secured_server: RunningServer, adapter_dir: Callable[..., Path]
+) -> None:
+    """Point-in-time resolution across moves by three different tokens, audit actors, scopes."""
+    server = secured_server
+    secrets = {}
+    for name, scope in (("alice", "write"), ("bob", "write"), ("release", "admin"), ("ro", "read")):
+        created = server.cli("token", "create", name, "--scope", scope, "--json")
+        assert created.returncode == 0, created.stderr
+        secrets[name] = json.loads(created.stdout)["token"]
+    alice, bob, release, ro = (
+        as_token(server, secrets[n]) for n in ("alice", "bob", "release", "ro")
+    )
+    assert json.loads(alice("whoami", "--json").stdout) == {
+        "name": "alice",
+        "scope": "write",
+        "auth": True,
+    }
+
+    name = unique_name()
+    assert alice("push", str(adapter_dir("llama", seed=1)), name).returncode == 0
+    assert bob("push", str(adapter_dir("llama", seed=2)), name).returncode == 0
+    steps = [
+        (alice, "1", "staging"),
+        (bob, "2", "staging"),
+        (release, "1", "production"),
+        (release, "2", "production"),
+    ]
+    for actor, version, alias in steps:
+        moved = actor("alias", "set", f"{name}@{version}", alias)
+        assert moved.returncode == 0, moved.stderr
+    refused = alice("alias", "set", f"{name}@1", "production")
+    assert refused.returncode == 5 and "protected" in refused.stderr
+    denied = ro("push", str(adapter_dir("llama", seed=3)), name)
+    assert denied.returncode == 5 and "scope" in denied.stderr
+    not_a_worker = ro("worker", "--name", "ro-worker")  # exits instead of retrying forever
+    assert not_a_worker.returncode == 5 and "scope admin or worker" in not_a_worker.stderr
+    anonymous = server.cli("ls", env={"LORA_REG_TOKEN": ""})
+    assert anonymous.returncode == 5 and "needs a token" in anonymous.stderr
+
+    history = json.loads(ro("history", name, "--json").stdout)["items"]
+    assert [(m["alias"], m["version"], m["actor"]) for m in reversed(history)] == [
+        ("staging", 1, "alice"),
+        ("staging", 2, "bob"),
+        ("production", 1, "release"),
+        ("production", 2, "release"),
+    ]
+    production_moves = [m for m in reversed(history) if m["alias"] == "production"]
+    for move in production_moves:
+        at = datetime.fromisoformat(move["at"]).isoformat()
+        resolved = ro("resolve", f"{name}@production", "--at", at, "--json")
+        assert resolved.returncode == 0, resolved.stderr
+        answer = json.loads(resolved.stdout)
+        assert answer["version"] == move["version"] and answer["by"] == "release"
+
+    audit = json.loads(ro("audit", "--subject", name, "--json").stdout)["items"]
+    assert {(e["action"], e["actor"]) for e in audit} >= {
+        ("version.push", "alice"),
+        ("version.push", "bob"),
+        ("alias.set", "alice"),
+        ("alias.set", "bob"),
+        ("alias.set", "release"),
+    }
+
+    assert server.cli("token", "revoke", "bob").returncode == 0
+    gone = bob("ls")
+    assert gone.returncode == 5 and "revoked" in gone.stderr
+    not_admin = alice("token", "create", "mallory", "--scope", "admin")
+    assert not_admin.returncode == 5
+
+
+def test_the_embedded_worker_merges_with_auth_on(
+    tmp_path: Path,
+    pg_database: Callable[[], str],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    """Its token exists only in the server process; a write token requests the merge."""
+    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    env.update({"LORA_REG_AUTH": "on", "LORA_REG_EMBEDDED_WORKER": "true"})
+    server = start_server(tmp_path, env, "sqlite-folder", bucket)
+    try:
+        created = server.cli("token", "create", "trainer", "--scope", "write", "--json")
+        trainer = as_token(server, json.loads(created.stdout)["token"])
+        assert (
+            trainer(
+                "base", "add", "org/tiny", "--from", str(base_dir("llama")), "--upload"
+            ).returncode
+            == 0
+        )
+        name = unique_name()
+        assert (
+            trainer("push", str(adapter_dir("llama")), name, "--base", "org/tiny").returncode == 0
+        )
+        merged = trainer("merge", f"{name}@1", "--wait", "--json")
+        assert merged.returncode == 0, merged.stderr
+        job = json.loads(merged.stdout)
+        assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
+        events = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
+        assert [e["actor"] for e in events["items"]] == ["embedded-worker"]
+    finally:
+        stop_server(server.process)
+
+
+def test_auth_off_is_refused_on_a_non_loopback_address(tmp_path: Path) -> None:
+    env = {
+        "LORA_REG_AUTH": "off",
+        "LORA_REG_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
+        "LORA_REG_STORAGE_URL": f"file://{tmp_path}/objects",
+    }
+    refused = run_cli(
+        "server", "--host", "0.0.0.0", "--port", "1", cwd=tmp_path, env=env, timeout=60
+    )
+    assert refused.returncode == 7
+    assert "LORA_REG_AUTH=off" in refused.stderr and "127.0.0.1" in refused.stderr
+    assert not os.path.exists(tmp_path / "r.db")  # refused before touching anything
