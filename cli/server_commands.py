@@ -10,9 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
+
+from cli.token_commands import ScopeOpt
+
+if TYPE_CHECKING:
+    from registry.core.schemas import Scope
 
 db_app = typer.Typer(help="Database schema: upgrade, current, downgrade.", no_args_is_help=True)
 
@@ -103,3 +108,18 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision."
 
         downgrade(load_settings(), revision)
     typer.echo(f"database at {revision}", err=True)
+
+
+@db_app.command("create-token")
+def db_create_token(
+    name: Annotated[str, typer.Argument(help="The token's name (the audit actor).")],
+    scope: ScopeOpt = "admin",
+) -> None:
+    """Create a token straight in the database (LORA_REG_DATABASE_URL), without the API: for an
+    operator who lost every admin token. Prints the secret once."""
+    with _server_side():
+        from registry.server import create_token_in_database, load_settings
+
+        created = create_token_in_database(load_settings(), name, cast("Scope", scope))
+    typer.echo(f"created token {created.name!r} ({created.scope}); secret, shown once:", err=True)
+    typer.echo(created.token)

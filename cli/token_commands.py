@@ -26,17 +26,20 @@ def _scope(value: str) -> str:
     return value
 
 
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        callback=_scope,
+        help="read (pull, show), write (push, aliases, merges), admin (tokens, gc, protected "
+        "aliases) or worker (merge workers).",
+    ),
+]
+
+
 @token_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Who will use it, e.g. ci-push (the audit actor).")],
-    scope: Annotated[
-        str,
-        typer.Option(
-            callback=_scope,
-            help="read (pull, show), write (push, aliases, merges), admin (tokens, gc, "
-            "protected aliases) or worker (merge workers).",
-        ),
-    ] = "read",
+    scope: ScopeOpt = "read",
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token and print its secret (shown once: store it now)."""
@@ -45,9 +48,7 @@ def create(
     if as_json:
         emit_json(created)
         return
-    err.print(
-        f"created token {created.name!r} with scope {created.scope}; its secret (shown once):"
-    )
+    err.print(f"created token {created.name!r} ({created.scope}); its secret, shown once:")
     out.print(created.token)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.core.errors import Conflict, RegistryError
+from registry.core.schemas import Scope, TokenCreated, check_token_name
 from registry.db import make_engine, schema_status, session_scope, upgrade
 from registry.settings import Settings
 
@@ -106,6 +107,20 @@ def bootstrap_admin_token(settings: Settings) -> None:
         "--scope write",
         file=sys.stderr,
     )
+
+
+def create_token_in_database(settings: Settings, name: str, scope: Scope) -> TokenCreated:
+    """A token made straight in the database, for operators who lost every admin token (or
+    provision tokens before the API is up). Its audit row's actor is `(database)`."""
+    from registry.tokens.service import create_token
+
+    check_token_name(name)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with session_scope(engine) as session:
+            return create_token(session, name, scope, actor="(database)")
+    finally:
+        engine.dispose()
 
 
 def start_embedded_worker(host: str, port: int, token: str | None) -> threading.Event | None:

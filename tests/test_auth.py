@@ -380,6 +380,12 @@ def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: Runnin
 
     # A restart on the same database creates no second token and leaves the file alone.
     stop_server(secured_server.process)
+    # An operator who lost the admin token makes another one straight in the database.
+    workdir, env = secured_server.workdir, secured_server.env
+    rescue = run_cli("db", "create-token", "rescue", "--scope", "admin", cwd=workdir, env=env)
+    assert rescue.returncode == 0, rescue.stderr
+    bad_scope = run_cli("db", "create-token", "x", "--scope", "root", cwd=workdir, env=env)
+    assert bad_scope.returncode == 2
     again = start_server(
         secured_server.workdir, secured_server.env, secured_server.backend, secured_server.bucket
     )
@@ -387,7 +393,11 @@ def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: Runnin
         assert again.token == secured_server.token
         listed = again.cli("token", "ls", "--json")
         assert listed.returncode == 0, listed.stderr
-        assert [t["name"] for t in json.loads(listed.stdout)] == ["admin"]
+        assert [t["name"] for t in json.loads(listed.stdout)] == ["admin", "rescue"]
+        me = again.cli("whoami", "--json", env={"LORA_REG_TOKEN": rescue.stdout.strip()})
+        assert json.loads(me.stdout) == {"name": "rescue", "scope": "admin", "auth": True}
+        audit = json.loads(again.cli("audit", "--subject", "rescue", "--json").stdout)["items"]
+        assert [(e["action"], e["actor"]) for e in audit] == [("token.create", "(database)")]
         for log in secured_server.workdir.glob("server-*.log"):
             assert "bootstrap admin token" not in log.read_text() or log.name in {
                 p.name for p in logs

@@ -352,5 +352,7 @@ def test_a_result_the_server_refuses_fails_the_job_with_the_reason(
         job = json.loads(server.cli("jobs", json.loads(queued.stdout)["id"], "--json").stdout)
         assert job["status"] == "failed"
         assert job["error"]["code"] == "version_too_large"
+        assert "merged checkpoint" in job["error"]["message"]
+        assert "LORA_REG_MAX_BASE_BYTES" in job["error"]["message"]
     finally:
         stop_server(server.process)

@@ -53,6 +53,8 @@ def base_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
         max_files=settings.max_files,
         max_bytes=settings.max_base_bytes,
         required=(CONFIG_JSON,),
+        what="base",
+        size_setting="LORA_REG_MAX_BASE_BYTES",
     )
 
 

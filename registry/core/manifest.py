@@ -82,16 +82,20 @@ def check_manifest(
     max_files: int = DEFAULT_MAX_FILES,
     max_bytes: int = DEFAULT_MAX_VERSION_BYTES,
     required: tuple[str, ...] = REQUIRED_FILES,
+    what: str = "version",
+    size_setting: str = "LORA_REG_MAX_VERSION_BYTES",
 ) -> list[FileEntry]:
     """Validate a manifest and return it sorted by path.
 
-    Refuses bad paths, duplicates, pickle files, missing required files and oversize versions.
+    Refuses bad paths, duplicates, pickle files, missing required files and oversize manifests;
+    `what` and `size_setting` name the kind of manifest and its size limit in the messages.
     """
     entries = sorted(files)
     if len(entries) > max_files:
+        hint = " Push only the adapter files (use --exclude for checkpoints and logs)."
         raise TooManyFiles(
-            f"the version has {len(entries)} files; at most {max_files} are allowed. Push only "
-            "the adapter files (use --exclude for checkpoints and logs).",
+            f"the {what} has {len(entries)} files; at most {max_files} are allowed "
+            f"(LORA_REG_MAX_FILES).{hint if what == 'version' else ''}",
             count=len(entries),
             limit=max_files,
         )
@@ -116,8 +120,8 @@ def check_manifest(
         total += entry.size
     if total > max_bytes:
         raise VersionTooLarge(
-            f"the version is {total} bytes; this server accepts at most {max_bytes} bytes "
-            "(LORA_REG_MAX_VERSION_BYTES)",
+            f"the {what} is {total} bytes; this server accepts at most {max_bytes} bytes "
+            f"({size_setting})",
             size=total,
             limit=max_bytes,
         )

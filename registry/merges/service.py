@@ -422,12 +422,14 @@ def heartbeat(session: Session, job_id: str, request: HeartbeatRequest) -> Heart
 
 def merged_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
     """A merge's output files, checked like a manifest (paths, duplicates, no pickles), within
-    the size allowed for a stored base."""
+    the size allowed for a base (a merged checkpoint is a base-sized model)."""
     return check_manifest(
         (spec.entry() for spec in files),
         max_files=settings.max_files,
         max_bytes=settings.max_base_bytes,
         required=(),
+        what="merged checkpoint",
+        size_setting="LORA_REG_MAX_BASE_BYTES",
     )
 
 

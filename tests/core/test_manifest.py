@@ -231,6 +231,15 @@ def test_check_manifest_refuses_versions_larger_than_max_bytes() -> None:
         check_manifest(files, max_bytes=1000)
     assert excinfo.value.status == 413
     assert excinfo.value.details == {"size": 1001, "limit": 1000}
+    assert "LORA_REG_MAX_VERSION_BYTES" in excinfo.value.message
+
+
+def test_check_manifest_names_the_kind_of_manifest_and_its_limit() -> None:
+    files = [entry("config.json", 100), entry("model.safetensors", 901)]
+    with pytest.raises(VersionTooLarge, match=r"the base is 1001 bytes.*LORA_REG_MAX_BASE_BYTES"):
+        check_manifest(
+            files, max_bytes=1000, required=(), what="base", size_setting="LORA_REG_MAX_BASE_BYTES"
+        )
 
 
 def test_check_manifest_accepts_a_version_of_exactly_max_bytes() -> None:
