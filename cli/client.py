@@ -94,6 +94,7 @@ from registry.core.schemas import (
     WhoAmI,
     check_metrics,
     check_strings,
+    check_token_name,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -495,7 +496,8 @@ class Registry:
         return [TokenOut.model_validate(item) for item in data]
 
     def revoke_token(self, name: str) -> TokenOut:
-        return TokenOut.model_validate(self._json("DELETE", f"/api/v1/tokens/{name}"))
+        path = f"/api/v1/tokens/{check_token_name(name)}"
+        return TokenOut.model_validate(self._json("DELETE", path))
 
     def whoami(self) -> WhoAmI:
         return WhoAmI.model_validate(self._json("GET", "/api/v1/whoami"))
@@ -734,17 +736,22 @@ class Registry:
         }
         uploaded = sent_files = 0
         for attempt in range(2):
-            sent = self._upload(
-                f"/api/v1/adapters/{adapter}/uploads", directory, entries, str(adapter), progress
-            )
-            uploaded, sent_files = uploaded + sent[0], sent_files + sent[1]
             try:
+                sent = self._upload(
+                    f"/api/v1/adapters/{adapter}/uploads",
+                    directory,
+                    entries,
+                    str(adapter),
+                    progress,
+                )
+                uploaded, sent_files = uploaded + sent[0], sent_files + sent[1]
                 version = VersionOut.model_validate(
                     self._json("POST", f"/api/v1/adapters/{adapter}/versions", json=body)
                 )
                 break
             except BlobMissing:
-                # A garbage collection took a blob the plan called present: upload it, once.
+                # A garbage collection took a blob the plan called present, or one we were
+                # uploading: plan and upload again, once.
                 if attempt:
                     raise
         return PushResult(

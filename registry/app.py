@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from registry import __version__
 from registry.adapters.api import router as adapters_router
 from registry.aliases.api import router as aliases_router
-from registry.auth import PUBLIC, check_routes
+from registry.auth import PUBLIC, AuthMiddleware, check_routes
 from registry.bases.api import router as bases_router
 from registry.blobs.api import router as blobs_router
 from registry.core.errors import DatabaseUnavailable, RegistryError
@@ -49,14 +49,18 @@ def problem(status: int, code: str, title: str, detail: str, **details: Any) -> 
     return JSONResponse(body.model_dump(mode="json"), status_code=status, media_type=PROBLEM_JSON)
 
 
-async def _registry_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RegistryError)
+def error_response(exc: RegistryError) -> JSONResponse:
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
     response = problem(exc.status, exc.code, exc.title, exc.message, **exc.details)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="lora-registry"'
     return response
+
+
+async def _registry_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RegistryError)
+    return error_response(exc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -110,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(AuthMiddleware, render=error_response)
 
     @app.get("/healthz", tags=["health"], dependencies=[PUBLIC])
     def healthz() -> dict[str, str]:

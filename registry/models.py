@@ -229,6 +229,8 @@ class MergeJob(SQLModel, table=True):
     max_attempts: int
     lease_s: int = 60  # the lease a worker asked for when it claimed the job
     worker: str | None = Field(default=None, max_length=200)
+    # The token that claimed the job: only it may heartbeat, upload for and finish the job.
+    claimed_by: str | None = Field(default=None, max_length=200)
     device: str | None = Field(default=None, max_length=200)
     lease_expires_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)

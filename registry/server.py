@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import sys
 import threading
 from pathlib import Path
@@ -74,19 +75,27 @@ def check_auth(settings: Settings, host: str) -> None:
 
 
 def write_secret(path: Path, secret: str) -> None:
-    """Write a secret readable by its owner only (0600), replacing any older file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write a secret only its owner can read: a new 0600 file (created exclusively, never
+    through a symbolic link) renamed over `path`, in a folder created 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
     try:
-        os.fchmod(descriptor, 0o600)  # O_CREAT's mode does not apply to an existing file
-        os.write(descriptor, (secret + "\n").encode())
-    finally:
-        os.close(descriptor)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def bootstrap_admin_token(settings: Settings) -> None:
     """First start on a database without tokens: create the `admin` token, print it once and
-    write it to LORA_REG_BOOTSTRAP_TOKEN_FILE (0600)."""
+    write it to LORA_REG_BOOTSTRAP_TOKEN_FILE (0600). If the file cannot be written the secret
+    is still printed (its only copy), then the server stops so that the operator sees it."""
     from registry.tokens.service import bootstrap_admin
 
     engine = make_engine(settings.sqlalchemy_url)
@@ -99,14 +108,26 @@ def bootstrap_admin_token(settings: Settings) -> None:
         engine.dispose()
     if created is None:
         return
-    write_secret(settings.bootstrap_token_file, created.token)
+    path = settings.bootstrap_token_file
+    try:
+        write_secret(path, created.token)
+    except OSError as exc:
+        failure: OSError | None = exc
+        where = f"NOT written to {path} ({exc}): this is its only copy"
+    else:
+        failure, where = None, f"also written to {path}, mode 0600"
     print(
-        f"created the bootstrap admin token {created.name!r} (shown once, also written to "
-        f"{settings.bootstrap_token_file}, mode 0600):\n\n    {created.token}\n\n"
+        f"created the bootstrap admin token {created.name!r} (shown once, {where}):\n\n"
+        f"    {created.token}\n\n"
         "use it to create your own tokens: LORA_REG_TOKEN=<it> lora-reg token create NAME "
         "--scope write",
         file=sys.stderr,
     )
+    if failure is not None:
+        raise StartupError(
+            f"could not write the bootstrap admin token to {path} ({failure}): keep the token "
+            "printed above (it is valid), fix LORA_REG_BOOTSTRAP_TOKEN_FILE and start again"
+        )
 
 
 def create_token_in_database(settings: Settings, name: str, scope: Scope) -> TokenCreated:
@@ -149,7 +170,7 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
     import uvicorn
 
     from registry.app import create_app
-    from registry.auth import issue_internal_token
+    from registry.auth import EMBEDDED_WORKER, issue_internal_token
 
     settings = load_settings()
     check_auth(settings, host)
@@ -172,7 +193,7 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
     if embedded_worker:
         # Its own worker-scope token, known only to this process (or LORA_REG_WORKER_TOKEN).
         token = os.environ.get("LORA_REG_WORKER_TOKEN") or (
-            issue_internal_token(app, "embedded-worker", "worker") if settings.auth else None
+            issue_internal_token(app, EMBEDDED_WORKER, "worker") if settings.auth else None
         )
         stop = start_embedded_worker(host, port, token)
     try:

@@ -13,7 +13,10 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from registry.core.errors import InvalidTarget
+from registry.core.jobs import Target, parse_allowed_target
 from registry.core.manifest import DEFAULT_MAX_FILES, DEFAULT_MAX_VERSION_BYTES
+from registry.core.names import ALIAS_RE
 
 DEFAULT_HOME = Path(".lora-reg")
 
@@ -49,6 +52,10 @@ class Settings(BaseSettings):
     auth: bool = True
     # Aliases that only admin tokens may move or remove (comma-separated).
     protected_aliases: str = "production"
+    # Where write tokens may send merges besides the registry (comma-separated targets: a
+    # dir:/path or s3://bucket/prefix covers what lies below it, hub:org/* every repo of an org).
+    # Workers publish with their own credentials, so by default only admins pick other targets.
+    merge_targets: str = ""
     # Where the first start writes the bootstrap admin token (mode 0600).
     bootstrap_token_file: Path = DEFAULT_HOME / "admin-token"
 
@@ -86,13 +93,42 @@ class Settings(BaseSettings):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
 
+    @field_validator("protected_aliases")
+    @classmethod
+    def _protected_aliases(cls, value: str) -> str:
+        for name in _items(value):
+            if not ALIAS_RE.fullmatch(name):
+                raise ValueError(
+                    f"LORA_REG_PROTECTED_ALIASES: {name!r} is not an alias (lower-case letters, "
+                    "digits and '-', starting with a letter)"
+                )
+        return value
+
+    @field_validator("merge_targets")
+    @classmethod
+    def _merge_targets(cls, value: str) -> str:
+        for text in _items(value):
+            try:
+                parse_allowed_target(text)
+            except InvalidTarget as exc:
+                raise ValueError(f"LORA_REG_MERGE_TARGETS: {exc.message}") from None
+        return value
+
     @property
     def protected_alias_names(self) -> frozenset[str]:
-        return frozenset(name.strip() for name in self.protected_aliases.split(",") if name.strip())
+        return frozenset(_items(self.protected_aliases))
+
+    @property
+    def merge_target_list(self) -> list[Target]:
+        return [parse_allowed_target(text) for text in _items(self.merge_targets)]
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 @lru_cache

@@ -38,10 +38,12 @@ from tests.conftest import (
 )
 from tests.support.files import manifest
 
+DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 # What each route needs: written out here, independently of registry/auth.py.
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
+    **{(method, path): "public" for method in ("GET", "HEAD") for path in DOCS},
     ("GET", "/api/v1/adapters"): "read",
     ("GET", "/api/v1/adapters/{namespace}/{name}"): "read",
     ("GET", "/api/v1/adapters/{namespace}/{name}/versions"): "read",
@@ -149,11 +151,13 @@ def test_authorization_matrix(
 ) -> None:
     http, secrets = secured
     need = EXPECTED[(method, path)]
+    # Without a valid token the body is malformed JSON: auth must answer before it is parsed.
+    body = b"{" if kind in BAD_CREDENTIALS else b"{}"
     response = http.request(
         method,
         concrete(path),
-        json={},
-        headers={**headers_for(kind, secrets), "Content-Length": "2"},
+        content=body,
+        headers={**headers_for(kind, secrets), "Content-Type": "application/json"},
     )
     if need == "public":
         assert response.status_code == 200, response.text
@@ -163,6 +167,7 @@ def test_authorization_matrix(
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     elif kind in ADMITS[need]:
         assert response.status_code not in (401, 403), response.text
+        assert response.status_code < 500, response.text
     else:
         assert response.status_code == 403, response.text
         assert response.json()["code"] == "not_permitted"
@@ -262,7 +267,7 @@ def test_tokens_are_shown_once_stored_hashed_and_revoked_at_once(
             select(AuditEvent).where(col(AuditEvent.action).startswith("token."))
         ).all()
         assert [(e.action, e.subject, e.actor) for e in events] == [
-            ("token.create", "admin", None),
+            ("token.create", "admin", "(bootstrap)"),
             ("token.create", "ci", "admin"),
             ("token.revoke", "ci", "admin"),
         ]
@@ -270,7 +275,7 @@ def test_tokens_are_shown_once_stored_hashed_and_revoked_at_once(
 
 
 def push_over_http(
-    http: TestClient, secret: str, folder: Path, name: str, alias: str | None = None
+    http: TestClient, secret: str, folder: Path, name: str, **commit: str
 ) -> httpx.Response:
     """Push step by step (plan, upload through the API, commit) with one token."""
     files = manifest(folder)
@@ -283,8 +288,8 @@ def push_over_http(
         body = (folder / str(path)).read_bytes()
         put = http.put(item["url"], content=body, headers={**item["headers"], **bearer(secret)})
         assert put.status_code == 204, put.text
-    commit = {"files": files, **({"alias": alias} if alias else {})}
-    return http.post(f"/api/v1/adapters/{name}/versions", json=commit, headers=bearer(secret))
+    body = {"files": files, **commit}  # alias=..., base=...
+    return http.post(f"/api/v1/adapters/{name}/versions", json=body, headers=bearer(secret))
 
 
 def new_token(http: TestClient, admin: str, name: str, scope: str) -> str:
@@ -306,13 +311,13 @@ def test_protected_aliases_move_only_by_admin(
     staging = http.put(f"{aliases}/staging", json={"version": "1"}, headers=bearer(dev))
     assert staging.status_code == 200, staging.text
     refused = http.put(f"{aliases}/production", json={"version": "1"}, headers=bearer(dev))
-    assert refused.status_code == 403 and refused.json()["code"] == "protected_alias"
+    assert refused.status_code == 409 and refused.json()["code"] == "protected_alias"
     assert "only an admin token" in refused.json()["detail"]
 
     promoted = http.put(f"{aliases}/production", json={"version": "1"}, headers=bearer(admin))
     assert promoted.status_code == 200 and promoted.json()["by"] == "admin"
     removal = http.delete(f"{aliases}/production", headers=bearer(dev))
-    assert removal.status_code == 403 and removal.json()["code"] == "protected_alias"
+    assert removal.status_code == 409 and removal.json()["code"] == "protected_alias"
     moves = http.get(f"/api/v1/adapters/{name}/history", headers=bearer(dev)).json()["items"]
     assert [(m["alias"], m["actor"]) for m in moves] == [
         ("production", "admin"),
@@ -328,7 +333,7 @@ def test_push_with_a_protected_alias_by_a_write_token_stores_nothing(
     dev = new_token(http, admin, "dev", "write")
     name = unique_name()
     commit = push_over_http(http, dev, adapter_dir("llama"), name, alias="production")
-    assert commit.status_code == 403 and commit.json()["code"] == "protected_alias"
+    assert commit.status_code == 409 and commit.json()["code"] == "protected_alias"
     assert http.get(f"/api/v1/adapters/{name}", headers=bearer(dev)).status_code == 404
     by_admin = push_over_http(http, admin, adapter_dir("llama"), name, alias="production")
     assert by_admin.status_code == 201, by_admin.text
@@ -341,6 +346,89 @@ def test_protected_aliases_are_configurable(tmp_path: Path) -> None:
         protected_aliases="production, canary",
     )
     assert settings.protected_alias_names == {"production", "canary"}
+    with pytest.raises(ValueError, match="not an alias"):
+        Settings(protected_aliases="Production")
+
+
+@pytest.mark.parametrize(
+    ("target", "allowed", "inside"),
+    [
+        ("dir:/srv/models/a", "dir:/srv/models", True),
+        ("dir:/srv/models", "dir:/srv/models", True),
+        ("dir:/srv/models-evil", "dir:/srv/models", False),
+        ("dir:/srv/models/../etc", "dir:/srv/models", False),
+        ("s3://bkt/models/x", "s3://bkt/models", True),
+        ("s3://bkt/modelsx", "s3://bkt/models", False),
+        ("s3://other/models/x", "s3://bkt/models", False),
+        ("s3://bkt/anything", "s3://bkt", True),
+        ("hub:acme/m", "hub:acme/*", True),
+        ("hub:acme-evil/m", "hub:acme/*", False),
+        ("hub:acme/m@dev", "hub:acme/m@main", False),
+        ("hub:acme/m@dev", "hub:acme/m", True),
+        ("dir:/srv/models/a", "s3://bkt/models", False),
+    ],
+)
+def test_merge_target_allow_list(target: str, allowed: str, inside: bool) -> None:
+    from registry.core.jobs import parse_allowed_target, parse_target, target_within
+
+    assert target_within(parse_target(target), parse_allowed_target(allowed)) is inside
+
+
+def test_write_tokens_send_merges_only_where_the_operator_allows(tmp_path: Path) -> None:
+    """Workers publish with their own credentials: a write token may not point them anywhere."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db",
+        storage_url=f"file://{tmp_path}/objects",
+        merge_targets="dir:/srv/models, hub:acme/*",
+    )
+    upgrade(settings)
+    engine = make_engine(settings.sqlalchemy_url)
+    with session_scope(engine) as session:
+        admin = tokens.create_token(session, "root", "admin", None).token
+        dev = tokens.create_token(session, "dev", "write", None).token
+    engine.dispose()
+    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+
+        def merge(secret: str, target: str) -> httpx.Response:
+            body = {"adapter": "nobody/nothing@1", "target": target}
+            return http.post("/api/v1/merges", json=body, headers=bearer(secret))
+
+        refused = merge(dev, "dir:/etc/cron.d")
+        assert refused.status_code == 403 and refused.json()["code"] == "not_permitted"
+        assert "LORA_REG_MERGE_TARGETS" in refused.json()["detail"]
+        assert merge(dev, "hub:someone/else").status_code == 403
+        # Past the check, the request fails on what it names (no such adapter): 404, not 403.
+        for target in ("registry", "dir:/srv/models/summarizer", "hub:acme/summarizer"):
+            assert merge(dev, target).status_code == 404, target
+        assert merge(admin, "dir:/etc/cron.d").status_code == 404
+    with pytest.raises(ValueError, match="LORA_REG_MERGE_TARGETS"):
+        Settings(merge_targets="ftp://nowhere")
+
+
+def test_a_read_token_checks_without_recording(
+    app_with_admin: tuple[TestClient, Settings, str],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    from cli.bases import folder_signature
+    from cli.client import _signature_body
+
+    http, _settings, admin = app_with_admin
+    reader, writer = new_token(http, admin, "ro", "read"), new_token(http, admin, "dev", "write")
+    name = unique_name()
+    pushed = push_over_http(http, writer, adapter_dir("llama"), name, base="org/tiny")
+    assert pushed.status_code == 201, pushed.text
+    base = base_dir("llama")
+    body = {"base": "org/tiny", "source": f"file://{base}"}
+    body.update(_signature_body(folder_signature(base).signature))
+    registered = http.post("/api/v1/bases", json=body, headers=bearer(writer))
+    assert registered.status_code in (200, 201), registered.text
+    path = f"/api/v1/adapters/{name}/versions/1/check"
+    for secret, recorded in ((reader, False), (writer, True)):
+        checked = http.post(path, json={}, headers=bearer(secret))  # against its own base
+        assert checked.status_code == 200, checked.text
+        version = http.get(f"/api/v1/adapters/{name}/versions/1", headers=bearer(reader)).json()
+        assert (version["compat_status"] is not None) is recorded
 
 
 # --- real servers ---------------------------------------------------------------------------------
@@ -398,12 +486,122 @@ def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: Runnin
         assert json.loads(me.stdout) == {"name": "rescue", "scope": "admin", "auth": True}
         audit = json.loads(again.cli("audit", "--subject", "rescue", "--json").stdout)["items"]
         assert [(e["action"], e["actor"]) for e in audit] == [("token.create", "(database)")]
-        for log in secured_server.workdir.glob("server-*.log"):
-            assert "bootstrap admin token" not in log.read_text() or log.name in {
-                p.name for p in logs
-            }
+        port = again.url.rsplit(":", 1)[1]
+        assert "bootstrap admin token" not in (workdir / f"server-{port}.log").read_text()
     finally:
         stop_server(again.process)
+
+
+def test_a_bootstrap_token_that_cannot_be_written_is_still_shown(tmp_path: Path) -> None:
+    """Its row is committed before the file is written: the secret must reach the operator."""
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {
+        "LORA_REG_DATABASE_URL": f"sqlite:///{tmp_path}/r.db",
+        "LORA_REG_STORAGE_URL": f"file://{tmp_path}/objects",
+        "LORA_REG_BOOTSTRAP_TOKEN_FILE": str(tmp_path / "a-file" / "admin-token"),
+    }
+    refused = run_cli("server", "--port", "1", cwd=tmp_path, env=env, timeout=60)
+    assert refused.returncode == 7 and "NOT written" in refused.stderr
+    secret = re.search(r"lrt_[A-Za-z0-9_-]{43}", refused.stderr)
+    assert secret is not None
+
+    # Started again with a writable path: no second token; the printed one works.
+    token_file = tmp_path / "secrets" / "admin-token"
+    token_file.parent.mkdir()
+    token_file.write_text("an older file, world-readable\n")
+    token_file.chmod(0o644)
+    env["LORA_REG_BOOTSTRAP_TOKEN_FILE"] = str(token_file)
+    server = start_server(tmp_path, env, "sqlite-folder")
+    try:
+        me = server.cli("whoami", "--json", env={"LORA_REG_TOKEN": secret.group(0)})
+        assert json.loads(me.stdout)["name"] == "admin"
+        assert token_file.read_text() == "an older file, world-readable\n"  # nothing rewritten
+    finally:
+        stop_server(server.process)
+
+
+def test_the_bootstrap_file_replaces_an_older_world_readable_one(tmp_path: Path) -> None:
+    from registry.server import write_secret
+
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("old")
+    token_file.chmod(0o644)
+    decoy = tmp_path / "decoy"
+    decoy.write_text("untouched")
+    (tmp_path / "link").symlink_to(decoy)
+    write_secret(token_file, "lrt_secret")
+    write_secret(tmp_path / "link", "lrt_other")  # replaces the link, never writes through it
+    assert token_file.read_text() == "lrt_secret\n"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert decoy.read_text() == "untouched"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("registry.internal", False),
+    ],
+)
+def test_auth_off_needs_a_loopback_address(host: str, loopback: bool) -> None:
+    from registry.server import StartupError, check_auth
+
+    settings = Settings(auth=False)
+    if loopback:
+        check_auth(settings, host)
+    else:
+        with pytest.raises(StartupError, match="LORA_REG_AUTH=off"):
+            check_auth(settings, host)
+    check_auth(Settings(auth=True), host)  # with auth on, any address
+
+
+def test_a_job_answers_only_to_the_token_that_claimed_it(
+    tmp_path: Path,
+    pg_database: Callable[[], str],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    env["LORA_REG_AUTH"] = "on"
+    server = start_server(tmp_path, env, "sqlite-folder", bucket)
+    try:
+        secrets = {}
+        for name, scope in (("trainer", "write"), ("gpu-1", "worker"), ("gpu-2", "worker")):
+            created = server.cli("token", "create", name, "--scope", scope, "--json")
+            secrets[name] = json.loads(created.stdout)["token"]
+        trainer = as_token(server, secrets["trainer"])
+        assert trainer("base", "add", "org/tiny", "--from", str(base_dir("llama"))).returncode == 0
+        name = unique_name()
+        assert (
+            trainer("push", str(adapter_dir("llama")), name, "--base", "org/tiny").returncode == 0
+        )
+        assert trainer("merge", f"{name}@1").returncode == 0
+
+        def call(token: str, path: str, body: dict[str, object]) -> httpx.Response:
+            return httpx.post(f"{server.url}/api/v1/merges{path}", json=body, headers=bearer(token))
+
+        claimed = call(secrets["gpu-1"], "/claim", {"worker": "gpu-1"})
+        assert claimed.status_code == 200, claimed.text
+        job = claimed.json()["job"]["id"]
+        # gpu-2 knows the worker name (any reader sees it) but not gpu-1's token.
+        beat = {"worker": "gpu-1"}
+        stolen = call(secrets["gpu-2"], f"/{job}/heartbeat", beat)
+        assert stolen.status_code == 403 and "claimed with another token" in stolen.text
+        failed = {"worker": "gpu-1", "status": "failed", "error": {"code": "x", "message": "x"}}
+        assert call(secrets["gpu-2"], f"/{job}/finish", failed).status_code == 403
+        assert call(secrets["gpu-1"], f"/{job}/heartbeat", beat).status_code == 200
+        started = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
+        assert [e["actor"] for e in started["items"]] == ["gpu-1"]
+    finally:
+        stop_server(server.process)
 
 
 def test_who_moved_what_and_when_across_actors(
@@ -438,7 +636,7 @@ def test_who_moved_what_and_when_across_actors(
         moved = actor("alias", "set", f"{name}@{version}", alias)
         assert moved.returncode == 0, moved.stderr
     refused = alice("alias", "set", f"{name}@1", "production")
-    assert refused.returncode == 5 and "protected" in refused.stderr
+    assert refused.returncode == 4 and "protected" in refused.stderr
     denied = ro("push", str(adapter_dir("llama", seed=3)), name)
     assert denied.returncode == 5 and "scope" in denied.stderr
     not_a_worker = ro("worker", "--name", "ro-worker")  # exits instead of retrying forever
@@ -505,7 +703,7 @@ def test_the_embedded_worker_merges_with_auth_on(
         job = json.loads(merged.stdout)
         assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
         events = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
-        assert [e["actor"] for e in events["items"]] == ["embedded-worker"]
+        assert [e["actor"] for e in events["items"]] == ["(embedded-worker)"]
     finally:
         stop_server(server.process)
 

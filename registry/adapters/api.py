@@ -112,7 +112,8 @@ def check_version(
     """Check a version against a registered base (default: its own) and an optional serving
     profile, from headers only. A plain check against its own base is recorded on the version."""
     ref = Reference(_name(namespace, name), parse_selector(selector))
-    return service.check_version(session, store, ref, request, caller.name)
+    may_record = caller.scope in ("write", "admin")  # read tokens get the report, unsaved
+    return service.check_version(session, store, ref, request, caller.name, record=may_record)
 
 
 @router.post("/{namespace}/{name}/uploads", response_model=UploadPlan, dependencies=[WRITE])

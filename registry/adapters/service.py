@@ -284,11 +284,17 @@ def _base_not_registered(ref: str | None) -> BaseNotFound:
 
 
 def check_version(
-    session: Session, store: ObjectStore, ref: Reference, request: CheckRequest, actor: str | None
+    session: Session,
+    store: ObjectStore,
+    ref: Reference,
+    request: CheckRequest,
+    actor: str | None,
+    record: bool = True,
 ) -> CompatReport:
     """Check a stored version against a registered base (by default its own), headers only.
 
-    A plain check (no profile) against the version's own base is recorded on the version.
+    A plain check (no profile) against the version's own base is recorded on the version when
+    `record` (the caller may write).
     """
     version = resolve(session, ref)
     files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
@@ -306,7 +312,8 @@ def check_version(
     # The report is recorded only against the base a push would pick for this version.
     own = bases.find_base_row(session, version.base_model_id or "", version.base_model_revision)
     if (
-        request.profile is None
+        record
+        and request.profile is None
         and own is not None
         and own.id == row.id
         and version.compat_report != report.model_dump(mode="json")

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from registry.core.errors import BlobNotFound, ChecksumMismatch, Conflict
+from registry.core.errors import BlobMissing, BlobNotFound, ChecksumMismatch
 from registry.core.manifest import FileEntry
 from registry.core.schemas import CompletedPart, GcOut, UploadInstruction, UploadPlan
 from registry.models import (
@@ -126,7 +126,7 @@ def _record_stored(session: Session, store: ObjectStore, sha256: str, size: int)
     register_blobs(session, store, {sha256: size})
     known_blobs(session, [sha256], lock=True)
     if store.blob_size(sha256) != size:
-        raise Conflict(
+        raise BlobMissing(
             f"blob sha256:{sha256} was garbage-collected while it was being uploaded; upload it "
             "again (re-run the push)",
             sha256=sha256,

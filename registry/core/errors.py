@@ -116,6 +116,12 @@ class JobFinished(Conflict):
     code = "job_finished"
 
 
+class ProtectedAlias(Conflict):
+    """This alias is protected: only an admin token may move or remove it."""
+
+    code = "protected_alias"
+
+
 class OutputExists(Conflict):
     """The merge output already exists; pass --force to replace it."""
 
@@ -139,12 +145,6 @@ class NotPermitted(RegistryError):
     status = 403
     exit_code = 5
     code = "not_permitted"
-
-
-class ProtectedAlias(NotPermitted):
-    """This alias is protected: only an admin token may move or remove it."""
-
-    code = "protected_alias"
 
 
 # --- 400 / 413 / 422 ---------------------------------------------------------------------------

@@ -125,6 +125,37 @@ def parse_target(text: str) -> Target:
     raise bad("unknown kind of target")
 
 
+def parse_allowed_target(text: str) -> Target:
+    """An entry of LORA_REG_MERGE_TARGETS: a target, or `hub:ORG/*` for every repo of an org."""
+    if text.startswith("hub:") and text.endswith("/*"):
+        org = parse_target(text[:-2] + "/x").repo
+        assert org is not None
+        return Target(kind="hub", repo=org[: -len("x")] + "*")
+    return parse_target(text)
+
+
+def target_within(target: Target, allowed: Target) -> bool:
+    """Whether `target` is `allowed` or lies below it: a folder inside the folder, a prefix
+    inside the bucket's prefix, the same Hub repo (any branch unless `allowed` names one) or any
+    repo of the org for `hub:ORG/*`."""
+    if target.kind != allowed.kind:
+        return False
+    if target.kind == "dir":
+        assert target.path is not None and allowed.path is not None
+        return target.path == allowed.path or target.path.startswith(allowed.path + "/")
+    if target.kind == "s3":
+        if target.bucket != allowed.bucket:
+            return False
+        inner, outer = target.prefix or "", allowed.prefix or ""
+        return not outer or inner == outer or inner.startswith(outer + "/")
+    if target.kind == "hub":
+        assert target.repo is not None and allowed.repo is not None
+        if allowed.repo.endswith("/*"):
+            return target.repo.startswith(allowed.repo[:-1])
+        return target.repo == allowed.repo and allowed.branch in (None, target.branch)
+    return True
+
+
 def _bad_hub_target(repo: str, branch: str | None) -> bool:
     if "--" in repo or ".." in repo or repo.endswith(".git"):
         return True

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from registry.auth import READ, WORKER, WorkerAccess, WriteAccess
+from registry.auth import READ, WorkerAccess, WriteAccess, check_merge_target
 from registry.core.jobs import (
     ArtifactOut,
     Claim,
@@ -50,6 +50,7 @@ def request_merge(
 ) -> JobOut:
     """Queue a merge of an adapter version into a registered base (checked with the merge
     profile first). A request matching a succeeded job returns it (`memoized`) unless `force`."""
+    check_merge_target(settings, caller, request.target)
     job = service.request_merge(session, store, settings, request, caller.name)
     if not job.created:
         response.status_code = status.HTTP_200_OK
@@ -97,23 +98,26 @@ def cancel(session: SessionDep, caller: WriteAccess, job_id: str) -> JobOut:
     return service.cancel(session, job_id, caller.name)
 
 
-@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut, dependencies=[WORKER])
-def heartbeat(session: SessionDep, job_id: str, request: HeartbeatRequest) -> HeartbeatOut:
+@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut)
+def heartbeat(
+    session: SessionDep, caller: WorkerAccess, job_id: str, request: HeartbeatRequest
+) -> HeartbeatOut:
     """Worker: renew the lease and report progress; 409 lease_lost means drop the job."""
-    return service.heartbeat(session, job_id, request)
+    return service.heartbeat(session, job_id, request, caller.name)
 
 
-@router.post("/{job_id}/uploads", response_model=UploadPlan, dependencies=[WORKER])
+@router.post("/{job_id}/uploads", response_model=UploadPlan)
 def plan_upload(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    caller: WorkerAccess,
     job_id: str,
     request: UploadPlanRequest,
     worker: str | None = None,
 ) -> UploadPlan:
     """Worker: which output blobs of a running job are missing, and how to upload each."""
-    return service.plan_upload(session, store, settings, job_id, worker, request.files)
+    return service.plan_upload(session, store, settings, job_id, worker, caller.name, request.files)
 
 
 @router.post("/{job_id}/finish", response_model=JobOut)

@@ -31,6 +31,7 @@ from registry.core.errors import (
     JobFinished,
     JobNotFound,
     LeaseLost,
+    NotPermitted,
     VersionYanked,
 )
 from registry.core.jobs import (
@@ -71,6 +72,8 @@ from registry.settings import Settings
 from registry.storage import ObjectStore
 
 EXPIRE_BATCH = 100
+# Audit actor of what expired leases cause: not a token name, so never confused with one.
+LEASE_EXPIRY = "(lease-expiry)"
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -149,9 +152,15 @@ def _get_job(session: Session, job_id: str, *, lock: bool = False) -> MergeJob:
     return job
 
 
-def _check_holder(job: MergeJob, worker: str | None) -> None:
-    """The job must be running under `worker` (None: under any worker); otherwise that worker
-    must drop it."""
+def _check_holder(job: MergeJob, worker: str | None, token: str | None) -> None:
+    """The job must be running under `worker` (None: under any worker) and have been claimed
+    with `token` (the caller's token name); otherwise that worker must drop it."""
+    if job.claimed_by is not None and token != job.claimed_by:
+        raise NotPermitted(
+            f"merge job {job.id} was claimed with another token ({job.claimed_by!r}); only that "
+            "token may report on it",
+            job=job.id,
+        )
     if job.status == "running" and worker in (None, job.worker):
         return
     if job.status == "running":
@@ -308,7 +317,7 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
         job.error = JobError(
             code="cancelled", message=f"cancelled by {actor or 'a user'}"
         ).model_dump()
-        job.worker, job.lease_expires_at = None, None
+        job.worker, job.claimed_by, job.lease_expires_at = None, None, None
         _audit(session, job, "merge.cancelled", actor, was=was)
     elif not job.cancel_requested:
         job.cancel_requested = True
@@ -321,9 +330,11 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
 # --- workers -----------------------------------------------------------------------------------
 
 
-def expire_leases(session: Session, now: datetime, actor: str | None = None) -> int:
+def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> int:
     """Deal with running jobs whose lease ran out: requeue them while attempts remain, else
-    fail them (`lease_expired`); a job whose cancel was asked for ends as cancelled."""
+    fail them (`lease_expired`); a job whose cancel was asked for ends as cancelled. The audit
+    actor is LEASE_EXPIRY (not whoever's claim noticed it, which the details name)."""
+    actor = LEASE_EXPIRY
     statement = (
         select(MergeJob)
         .where(
@@ -341,7 +352,15 @@ def expire_leases(session: Session, now: datetime, actor: str | None = None) -> 
             job.error = JobError(
                 code="cancelled", message=f"cancelled; worker {worker} stopped renewing its lease"
             ).model_dump()
-            _audit(session, job, "merge.cancelled", actor, worker=worker, reason="lease_expired")
+            _audit(
+                session,
+                job,
+                "merge.cancelled",
+                actor,
+                worker=worker,
+                reason="lease_expired",
+                noticed_by=noticed_by,
+            )
         elif job.attempts >= job.max_attempts:
             job.status, job.finished_at = "failed", now
             job.error = JobError(
@@ -357,11 +376,20 @@ def expire_leases(session: Session, now: datetime, actor: str | None = None) -> 
                 worker=worker,
                 attempts=job.attempts,
                 error=job.error,
+                noticed_by=noticed_by,
             )
         else:
             job.status = "queued"
-            _audit(session, job, "merge.requeued", actor, worker=worker, attempts=job.attempts)
-        job.worker = None
+            _audit(
+                session,
+                job,
+                "merge.requeued",
+                actor,
+                worker=worker,
+                attempts=job.attempts,
+                noticed_by=noticed_by,
+            )
+        job.worker = job.claimed_by = None
         job.lease_expires_at = None
         job.progress = None
         session.add(job)
@@ -383,7 +411,7 @@ def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim |
     if job is None:
         return None
     job.status = "running"
-    job.worker = request.worker
+    job.worker, job.claimed_by = request.worker, actor
     job.device = request.device
     job.attempts += 1
     job.lease_s = request.lease_s
@@ -406,10 +434,12 @@ def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim |
     return Claim(job=job_out(job), lease_s=request.lease_s)
 
 
-def heartbeat(session: Session, job_id: str, request: HeartbeatRequest) -> HeartbeatOut:
+def heartbeat(
+    session: Session, job_id: str, request: HeartbeatRequest, token: str | None
+) -> HeartbeatOut:
     """Renew the lease of `request.worker` on the job and record its progress."""
     job = _get_job(session, job_id, lock=True)
-    _check_holder(job, request.worker)
+    _check_holder(job, request.worker, token)
     now = utcnow()
     expires = now + timedelta(seconds=job.lease_s)
     job.heartbeat_at, job.lease_expires_at = now, expires
@@ -439,11 +469,12 @@ def plan_upload(
     settings: Settings,
     job_id: str,
     worker: str | None,
+    token: str | None,
     files: list[FileSpec],
 ) -> UploadPlan:
     """Which of a running job's output files are missing from the store, and how to upload each
     (the same plan a push gets)."""
-    _check_holder(_get_job(session, job_id), worker)
+    _check_holder(_get_job(session, job_id), worker, token)
     return blobs.plan_upload(session, store, settings, merged_entries(files, settings))
 
 
@@ -461,7 +492,7 @@ def finish(
     job = _get_job(session, job_id, lock=True)
     if job.status == request.status and job.worker == request.worker:
         return job_out(job)  # a retried finish whose first answer was lost
-    _check_holder(job, request.worker)
+    _check_holder(job, request.worker, actor)
     now = utcnow()
     details: dict[str, Any] = {"worker": request.worker, "attempt": job.attempts}
     if request.status == "succeeded":

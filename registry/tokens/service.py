@@ -7,18 +7,21 @@ sha256 is stored; every creation and revocation writes an audit event.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from registry.auth import new_secret, secret_sha256
 from registry.core.errors import Conflict, NotFound
 from registry.core.schemas import Scope, TokenCreated, TokenOut
+from registry.core.tokens import new_secret, secret_sha256
 from registry.models import ApiToken, AuditEvent, as_utc
 from registry.repository import for_update
 
 BOOTSTRAP_NAME = "admin"
+# Actors of rows no token caused: not valid token names, so never confused with one.
+BOOTSTRAP_ACTOR = "(bootstrap)"
 
 
 def token_out(row: ApiToken) -> TokenOut:
@@ -49,6 +52,12 @@ def create_token(session: Session, name: str, scope: Scope, actor: str | None) -
     return TokenCreated(**token_out(row).model_dump(), token=secret)
 
 
+def find_token(session: Session, secret: str) -> ApiToken | None:
+    """The token row whose secret this is (revoked ones included), by the secret's hash."""
+    digest = secret_sha256(secret)
+    return session.exec(select(ApiToken).where(col(ApiToken.secret_sha256) == digest)).first()
+
+
 def list_tokens(session: Session, include_revoked: bool) -> list[TokenOut]:
     query = select(ApiToken).order_by(col(ApiToken.name))
     if not include_revoked:
@@ -61,26 +70,32 @@ def revoke_token(session: Session, name: str, actor: str | None) -> TokenOut:
 
     The last active admin token cannot be revoked: nobody could create tokens any more.
     """
-    row = session.exec(for_update(session, select(ApiToken).where(ApiToken.name == name))).first()
+    row = session.exec(select(ApiToken).where(ApiToken.name == name)).first()
     if row is None:
         raise NotFound(f"no token named {name!r} (see lora-reg token ls)", name=name)
-    if row.revoked_at is not None:
-        return token_out(row)
+    admins: Sequence[ApiToken] = ()
     if row.scope == "admin":
+        # Lock every active admin row, always in id order (two admins revoking two admin tokens
+        # at once must not deadlock), so the count below stays true until we commit.
         admins = session.exec(
             for_update(
                 session,
-                select(ApiToken.id).where(
-                    ApiToken.scope == "admin", col(ApiToken.revoked_at).is_(None)
-                ),
+                select(ApiToken)
+                .where(ApiToken.scope == "admin", col(ApiToken.revoked_at).is_(None))
+                .order_by(col(ApiToken.id)),
             )
         ).all()
-        if len(admins) <= 1:
-            raise Conflict(
-                f"{name!r} is the last admin token: create another admin token first "
-                "(lora-reg token create NAME --scope admin), then revoke this one",
-                name=name,
-            )
+    else:
+        session.exec(for_update(session, select(ApiToken).where(ApiToken.id == row.id))).one()
+    session.refresh(row)
+    if row.revoked_at is not None:
+        return token_out(row)
+    if row.scope == "admin" and len(admins) <= 1:
+        raise Conflict(
+            f"{name!r} is the last admin token: create another admin token first "
+            "(lora-reg token create NAME --scope admin), then revoke this one",
+            name=name,
+        )
     row.revoked_at, row.revoked_by = datetime.now(UTC), actor
     session.add(row)
     session.add(
@@ -98,4 +113,4 @@ def bootstrap_admin(session: Session) -> TokenCreated | None:
     """
     if session.exec(select(sa.func.count()).select_from(ApiToken)).one():
         return None
-    return create_token(session, BOOTSTRAP_NAME, "admin", actor=None)
+    return create_token(session, BOOTSTRAP_NAME, "admin", actor=BOOTSTRAP_ACTOR)
