@@ -720,3 +720,41 @@ def test_auth_off_is_refused_on_a_non_loopback_address(tmp_path: Path) -> None:
     assert refused.returncode == 7
     assert "LORA_REG_AUTH=off" in refused.stderr and "127.0.0.1" in refused.stderr
     assert not os.path.exists(tmp_path / "r.db")  # refused before touching anything
+
+
+def test_replicas_starting_together_create_one_bootstrap_token(
+    pg_database: Callable[[], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    from registry.server import bootstrap_admin_token
+
+    settings = Settings(
+        database_url=pg_database(),
+        storage_url=f"file://{tmp_path}/objects",
+        bootstrap_token_file=tmp_path / "admin-token",
+    )
+    upgrade(settings)
+    start = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def replica() -> None:
+        start.wait()
+        try:
+            bootstrap_admin_token(settings)
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            failures.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert capsys.readouterr().err.count("created the bootstrap admin token") == 1
+    engine = make_engine(settings.sqlalchemy_url)
+    with session_scope(engine) as session:
+        rows = session.exec(select(ApiToken)).all()
+    engine.dispose()
+    assert [row.name for row in rows] == ["admin"]
+    assert (tmp_path / "admin-token").read_text().strip().startswith("lrt_")
