@@ -20,13 +20,15 @@ registry --wait --force`, timed as the user sees it.
 
 What is measured, per step: wall time from after the child's imports to its output on disk
 (`os.sync()` once the step returns; our engine fsyncs each file itself, cp and
-`save_pretrained` do not), the whole child process's time (interpreter and imports included), and
-the child's peak RSS read by the child itself (`VmHWM`; for cp, `ru_maxrss` of the `cp` process
-its wrapper waited for). The page cache is warm, and equally so for every step: the base is
-read once in full before each step, earlier steps' outputs are deleted and synced first. Once,
-the outputs of ours and PEFT's are compared tensor by tensor (streaming, `safe_open`): bitwise on
-CPU. The targets (at least 8x faster than PEFT, within 3x of cp's time, at most 1/4 of PEFT's
-peak memory) are printed as PASS/FAIL; the exit status does not depend on them.
+`save_pretrained` do not), the whole child process's time (interpreter and imports included), the
+CPU time of the step (user + system, every thread: steadier than wall time on a shared machine),
+and the child's peak RSS read by the child itself (`VmHWM`; for cp, `ru_maxrss` and the CPU time
+of the `cp` process its wrapper waited for). The page cache is warm, and equally so for every
+step: the base is read once in full before each step, earlier steps' outputs are deleted and
+synced first. Once, the outputs of ours and PEFT's are compared tensor by tensor (streaming,
+`safe_open`): bitwise on CPU. The targets (at least 8x faster than PEFT, within 3x of cp's time,
+at most 1/4 of PEFT's peak memory) are printed as PASS/FAIL; the exit status does not depend on
+them.
 
 This is a benchmark, not a test::
 
@@ -125,6 +127,12 @@ def peak_rss_self() -> int:
     return proc_status("VmHWM") or peak_rss()
 
 
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU time of this process (every thread) or of its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cuda_peak(torch: Any, device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
 
@@ -135,11 +143,12 @@ def step_result(
     done: float,
     rss_imports: int | None,
     peak: int,
+    cpu_s: float,
     **phases: float,
 ) -> dict[str, Any]:
     """What every child reports, once its output is flushed to disk (`os.sync()`): imports_s,
-    the step's `phases`, op_s (the step until `done`), wall_s (the step and the sync),
-    rss_after_imports and peak_rss."""
+    the step's `phases`, op_s (the step until `done`), wall_s (the step and the sync), cpu_s
+    (the CPU time the step used, every thread), rss_after_imports and peak_rss."""
     os.sync()
     synced = time.perf_counter()
     return {
@@ -147,6 +156,7 @@ def step_result(
         **phases,
         "op_s": done - imported,
         "wall_s": synced - imported,
+        "cpu_s": cpu_s,
         "rss_after_imports": rss_imports,
         "peak_rss": peak,
     }
@@ -161,10 +171,12 @@ def child_ours(base: Path, adapter: Path, out: Path, device: str) -> dict[str, A
 
     imported = time.perf_counter()
     rss_imports = proc_status("VmRSS")
+    cpu_before = cpu_seconds()
     result = merge_to_folder(adapter, base, out, options=MergeOptions(device=device))
     merged = time.perf_counter()
+    cpu_s = cpu_seconds() - cpu_before
     return {
-        **step_result(started, imported, merged, rss_imports, peak_rss_self()),
+        **step_result(started, imported, merged, rss_imports, peak_rss_self(), cpu_s),
         "cuda_peak_allocated": cuda_peak(torch, result.device),
         "device": result.device,
         "files": len(result.files),
@@ -185,6 +197,7 @@ def child_peft(
 
     imported = time.perf_counter()
     rss_imports = proc_status("VmRSS")
+    cpu_before = cpu_seconds()
     placement = {"device_map": device} if device != "cpu" else {}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, **placement)
     loaded = time.perf_counter()
@@ -196,13 +209,14 @@ def child_peft(
     merged = time.perf_counter()
     merged_model.save_pretrained(out, max_shard_size=max_shard_size)
     saved = time.perf_counter()
+    cpu_s = cpu_seconds() - cpu_before
     phases = {
         "from_pretrained_s": loaded - imported,
         "peft_and_merge_s": merged - loaded,
         "save_s": saved - merged,
     }
     return {
-        **step_result(started, imported, saved, rss_imports, peak_rss_self(), **phases),
+        **step_result(started, imported, saved, rss_imports, peak_rss_self(), cpu_s, **phases),
         "cuda_peak_allocated": cuda_peak(torch, device),
         "device": device,
         "files": sum(1 for p in out.iterdir() if p.is_file()),
@@ -217,7 +231,7 @@ def child_exec(command: list[str]) -> dict[str, Any]:
     subprocess.run(command, check=True)
     done = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return step_result(started, started, done, None, peak)
+    return step_result(started, started, done, None, peak, cpu_seconds(resource.RUSAGE_CHILDREN))
 
 
 def python_path() -> str:
@@ -532,6 +546,12 @@ def run_rounds(
     return {k: v for k, v in samples.items() if v}, correctness
 
 
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The median of a field the runs report, None where they do not (the registry step)."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     steps: dict[str, Any] = {}
     for name, runs in samples.items():
@@ -547,6 +567,7 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "best_wall_s": min(walls),
             "median_op_s": statistics.median([r.get("op_s", r["wall_s"]) for r in runs]),
             "median_process_s": statistics.median([r["process_s"] for r in runs]),
+            "median_cpu_s": median_of(runs, "cpu_s"),
             "median_peak_rss": int(statistics.median(peaks)) if peaks else None,
             # what the step itself added: peak minus the RSS after the child's imports
             "median_rss_growth": int(statistics.median(growths)) if growths else None,
@@ -579,6 +600,8 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "process_speedup_vs_peft": peft["median_process_s"] / ours["median_process_s"],
         "process_times_cp": ours["median_process_s"] / cp["median_process_s"],
         "rss_growth_vs_peft": ours["median_rss_growth"] / peft["median_rss_growth"],
+        "cpu_vs_peft": peft["median_cpu_s"] / ours["median_cpu_s"],
+        "cpu_times_cp": ours["median_cpu_s"] / cp["median_cpu_s"],
     }
     return {"steps": steps, "targets": targets, "other_ratios": other}
 
@@ -636,6 +659,7 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{peak / peft['median_peak_rss']:.3f}" if peak else "-",
                 fmt_bytes(step["median_rss_growth"]),
                 f"{step['median_process_s']:.2f}",
+                "-" if step["median_cpu_s"] is None else f"{step['median_cpu_s']:.2f}",
             ]
         )
     head = [
@@ -647,6 +671,7 @@ def print_report(report: dict[str, Any]) -> None:
         "memory vs PEFT",
         "RSS growth",
         "process s",
+        "CPU s",
     ]
     print_table(head, rows)
     print()
@@ -655,8 +680,9 @@ def print_report(report: dict[str, Any]) -> None:
         "step; ours fsyncs its files itself); process s: the whole child, interpreter start and "
         "imports included. vs PEFT: PEFT's wall time over the step's (times faster); vs cp: the "
         "step's wall time over cp's; memory vs PEFT: the step's peak RSS over PEFT's; RSS growth: "
-        "the peak minus the RSS after the child's imports. Page cache warm for every step (the "
-        "base read in full just before it)."
+        "the peak minus the RSS after the child's imports; CPU s: user + system time of the step, "
+        "every thread (for cp, the cp process). Page cache warm for every step (the base read in "
+        "full just before it)."
     )
     if "registry" in steps:
         print(
@@ -672,7 +698,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"      (whole processes, imports included: {other['process_speedup_vs_peft']:.2f}x "
         f"faster than PEFT, {other['process_times_cp']:.2f}x cp; RSS growth "
-        f"{other['rss_growth_vs_peft']:.3f} of PEFT's)"
+        f"{other['rss_growth_vs_peft']:.3f} of PEFT's; CPU time {other['cpu_vs_peft']:.2f}x "
+        f"less than PEFT's, {other['cpu_times_cp']:.2f}x cp's)"
     )
     check = report["correctness"]
     exact = "bitwise equal" if check["bitwise_equal"] else "NOT bitwise equal"

@@ -38,12 +38,13 @@ RANK = 16
 LARGEST = INTERMEDIATE * HIDDEN * 2  # an MLP weight in bf16: 32 MiB
 # The bound: 3x the largest tensor, for the one being read, the one being merged and the one
 # being written. The allowance is what the engine holds whatever the model's size: a floor of
-# 64 MiB on its in-flight byte budget (so that small tensors still overlap reads and writes), two
-# reused 16 MiB float32 scratch blocks for merged row blocks (32 MiB), the adapter's
-# memory-mapped pages (7 MiB here), thread stacks and allocator slack (glibc keeps freed blocks of
-# a few MiB). 128 MiB covers that with room, measured at about 155 MiB of growth in all here
-# against a bound of 224 MiB; the whole base is 335 MiB, and PEFT's whole-model merge grows by
-# about 540 MiB in the same harness.
+# 64 MiB on its ring of memory for pieces in flight (so that small tensors still overlap reads and
+# writes), two reused 4 MiB float32 scratch blocks for merged row blocks, the adapter's
+# memory-mapped pages (7 MiB here), thread stacks and allocator slack. 128 MiB covers that with
+# room. Measured here: about 125 MiB of growth in all (the ring is 32 + 64 MiB) against a bound of
+# 224 MiB (170 MiB before the ring, when each tensor had a fresh buffer that glibc kept once freed);
+# the whole base is 335 MiB, and PEFT's whole-model merge grows by about 540 MiB in the same
+# harness.
 ALLOWANCE = 128 * MiB
 BOUND = 3 * LARGEST + ALLOWANCE
 MLP = ("gate_proj", "up_proj", "down_proj")

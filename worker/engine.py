@@ -2,34 +2,41 @@
 
 Weights are never loaded through transformers. The engine reads safetensors headers, asks
 `worker.plan` what happens to each tensor, writes every output shard's header up front (shapes
-and dtypes are known from the plan) and then streams tensor data through three stages:
+and dtypes are known from the plan) and then streams tensor data through five threads:
 
-    reader thread  --(tensor bytes)-->  compute (this thread)  --(bytes)-->  writer thread
-    ranged reads of the next tensors    float32 on the device            writes + sha256
+    reader  --(pieces)-->  compute (this thread)  --(bytes)-->  writer  -->  hasher  -->  syncer
+    ranged reads           float32 row blocks                   write()      sha256      fsync,
+    into the ring          on the device                                                publish
 
-A byte budget of 1.5x the largest tensor bounds what is in flight, so peak memory depends
-on the largest tensor, not on the model; merged tensors are computed in row blocks and written
-back into their input buffer. The math is PEFT's `merge_and_unload` (PEFT_FORMAT.md §3), in the
-same float32 order, so CPU output is bit-identical to PEFT's. Same inputs give byte-identical
-files: the headers, metadata, config and model card depend on nothing but the inputs.
+Tensors that are only copied or cast move in pieces of at most 16 MiB; merged tensors move whole
+and are computed in row blocks, written back into their input buffer. Pieces live in a ring of
+reused memory (the largest piece plus half as much again, at least 64 MiB more) that bounds what is
+in flight: peak memory depends on the largest merged tensor, not on the model. A shard is
+published once it is written, hashed and fsynced, while the next one is being written.
+
+The math is PEFT's `merge_and_unload` (PEFT_FORMAT.md §3), in the same float32 order, so CPU
+output is bit-identical to PEFT's. Same inputs give byte-identical files: the headers, metadata,
+config and model card depend on nothing but the inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import shutil
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from registry.core.basemodel import (
     CONFIG_JSON,
@@ -54,12 +61,31 @@ from worker.sources import WEIGHT_SUFFIXES, FolderSource, Source, read_bytes
 
 ENGINE_VERSION = "lora-registry-merge/1"
 # Rows of a merged tensor are processed in blocks of about this many float32 elements.
-BLOCK_ELEMENTS = 4 << 20
+BLOCK_ELEMENTS = 1 << 20
+# Tensors that are only copied or cast move in pieces of at most this size, so a large model's
+# embedding and lm_head never sit in memory whole.
+PIECE_BYTES = 16 << 20
+# The least room for pieces in flight, so that small tensors still overlap reads and writes.
+RING_FLOOR = 64 << 20
+# Pieces start at multiples of this in the ring (any dtype's alignment, a cache line).
+ALIGN = 64
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,
     "F64": torch.float64,
+}
+# What adapter tensors can hold: floats, and the integer and boolean types torch >= 2.2 knows.
+ADAPTER_DTYPES = {
+    **TORCH_DTYPES,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
 }
 # Not copied from the base: weights (rewritten), the index (rewritten), the model card (ours).
 SKIPPED_FILES = (INDEX_JSON, "README.md")
@@ -106,6 +132,44 @@ def pick_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise InvalidInput(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
+
+
+class _ComputeThreads:
+    """Leave the pipeline's other threads a core of their own while merging on the CPU.
+
+    The writer and the hasher keep about two cores busy. torch's CPU ops run as an OpenMP team
+    that spins while it waits for a member whose core is busy: on 2 cores, 2 torch threads cost
+    twice the CPU time of 1 and were not faster. torch's setting is process-wide, and a worker
+    with --concurrency runs merges side by side, so the first CPU merge in lowers it and the
+    last one out puts it back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = 0
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        if device.type != "cpu":
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._before = torch.get_num_threads()
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+                torch.set_num_threads(max(1, min(self._before, (cores or os.cpu_count() or 1) - 2)))
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.set_num_threads(self._before)
+
+
+_compute_threads = _ComputeThreads()
 
 
 def merge(
@@ -168,7 +232,8 @@ def merge(
         if on_file:
             on_file(entry)
 
-    with safe_open(str(adapter / WEIGHTS_FILE), framework="pt") as weights:
+    weights = _AdapterWeights(adapter, adapter_header)
+    with _compute_threads(device):
         pipeline = _Pipeline(
             source, headers, plan.shards, out, stamp, weights, device, progress, cancelled
         )
@@ -237,6 +302,29 @@ def _read_base(source: Source) -> tuple[BaseSignature, dict[str, SafetensorsHead
     return signature, headers
 
 
+class _AdapterWeights:
+    """The adapter's tensors, each read from its file when the merge asks for it.
+
+    Not memory-mapped (safetensors' `safe_open` maps the file): mapped pages stay resident until
+    the end of the merge, the whole adapter by then (50 MB for the benchmark's r=16 adapter,
+    gigabytes for a large rank on a large model), where a tensor read here is freed once used.
+    """
+
+    def __init__(self, folder: Path, header: SafetensorsHeader) -> None:
+        self.files = FolderSource(folder)
+        self.header = header
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self.header.tensors[key]
+        dtype = ADAPTER_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise InvalidInput(f"{WEIGHTS_FILE}: {key} is {info.dtype}, which merges do not read")
+        buffer = bytearray(info.nbytes)
+        start = self.header.data_start + info.begin
+        self.files.read_into(WEIGHTS_FILE, start, memoryview(buffer))
+        return _view(buffer, dtype, list(info.shape))
+
+
 def folder_entries(folder: Path) -> list[FileEntry]:
     """(path, size, sha256) of every file in a folder, all of them as `lora-reg push` takes
     them, so a folder's `manifest_digest` is the digest it has (or would have) in the registry."""
@@ -251,25 +339,97 @@ def folder_entries(folder: Path) -> list[FileEntry]:
 # --- the pipeline ------------------------------------------------------------------------------
 
 
-class _Budget:
-    """Bytes in flight between the reader and the writer, bounded."""
+@dataclass(frozen=True)
+class _Piece:
+    """A stretch of one output tensor on its way through the pipeline: the whole tensor when it
+    is merged, at most PIECE_BYTES when its bytes are only copied or cast."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
+    plan: TensorPlan
+    offset: int  # where its input starts within the source tensor, in bytes
+    source_bytes: int  # input bytes read from the base (0: nothing to read)
+    nbytes: int  # output bytes
+    last: bool  # the tensor's last piece
+
+    @property
+    def cost(self) -> int:
+        """Ring bytes it holds from its read until it is hashed: its input or output, the larger."""
+        return max(self.source_bytes, self.nbytes)
+
+
+def _pieces(plan: TensorPlan, source_bytes: int) -> list[_Piece]:
+    """How a tensor moves: merged tensors whole (the math needs every row of the weight at hand),
+    copied or cast tensors in pieces of the same elements in and out."""
+    if plan.changed:
+        return [_Piece(plan, 0, source_bytes, plan.nbytes, last=True)]
+    assert plan.source_dtype is not None
+    if plan.dtype == plan.source_dtype:
+        in_size = out_size = 1  # copied as bytes, whatever the dtype
+    else:
+        in_size = TORCH_DTYPES[plan.source_dtype].itemsize
+        out_size = TORCH_DTYPES[plan.dtype].itemsize
+    elements = source_bytes // in_size
+    step = PIECE_BYTES // max(in_size, out_size)
+    pieces = []
+    for first in range(0, max(elements, 1), step):
+        count = min(step, elements - first)
+        last = first + step >= elements
+        pieces.append(_Piece(plan, first * in_size, count * in_size, count * out_size, last))
+    return pieces
+
+
+class _Ring:
+    """Memory for the pieces in flight, reused: taken and given back in the same order.
+
+    The reader takes each piece's room and the hasher gives it back once the piece is written
+    and hashed; both follow plan order, so the free room is always one stretch of a ring. Its
+    size bounds the bytes in flight. Reused pages cost no page faults: preadv filled a fresh
+    mmap at ~1.4 GB/s here and a reused buffer at ~10 GB/s; a fresh bytearray per tensor came in
+    between, from glibc's heap, which held on to the freed ones.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = -(-size // ALIGN) * ALIGN
+        self.view = memoryview(mmap.mmap(-1, self.size))  # anonymous: pages appear when touched
+        self.start = 0  # where the oldest region held begins (with the gap skipped before it)
+        self.end = 0  # where the free room begins
+        self.used = 0  # bytes held, gaps included
+        self.held: deque[int] = deque()  # what each region held takes, oldest first
         self.stopped = False
         self._cond = threading.Condition()
 
-    def acquire(self, amount: int) -> bool:
+    def take(self, length: int) -> memoryview | None:
+        """`length` contiguous bytes, once older regions are given back; None once stopped."""
+        room = -(-length // ALIGN) * ALIGN  # aligned starts for any dtype
+        assert room <= self.size
         with self._cond:
-            while self.used and self.used + amount > self.limit and not self.stopped:
+            while not self.stopped:
+                begin = self._fit(room)
+                if begin is not None:
+                    taken = (begin - self.end) % self.size + room  # the skipped tail counts
+                    self.held.append(taken)
+                    self.used += taken
+                    self.end = (begin + room) % self.size
+                    return self.view[begin : begin + length]
                 self._cond.wait()
-            self.used += amount
-            return not self.stopped
+            return None
 
-    def release(self, amount: int) -> None:
+    def _fit(self, room: int) -> int | None:
+        """Where `room` bytes fit, or None. While the held regions do not wrap, the free room is
+        [end, size) and [0, start): a region that does not fit at the end skips to 0."""
+        if not self.used:
+            self.start = self.end = 0
+        if self.used and self.start >= self.end:  # wrapped: free room is [end, start)
+            return self.end if room <= self.start - self.end else None
+        if room <= self.size - self.end:
+            return self.end
+        return 0 if room <= self.start else None
+
+    def give_back(self) -> None:
+        """Give back the oldest region taken."""
         with self._cond:
-            self.used -= amount
+            taken = self.held.popleft()
+            self.used -= taken
+            self.start = (self.start + taken) % self.size
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -281,6 +441,22 @@ class _Budget:
 _DONE = object()
 
 
+@dataclass(frozen=True)
+class _Written:
+    """Bytes the writer wrote, for the hasher: a shard header (`piece` None) or a piece."""
+
+    data: bytes | bytearray | memoryview
+    piece: _Piece | None
+
+
+@dataclass(frozen=True)
+class _ShardWritten:
+    """A shard the writer has finished and closed."""
+
+    shard: str
+    size: int
+
+
 class _Pipeline:
     def __init__(
         self,
@@ -289,7 +465,7 @@ class _Pipeline:
         shards: Mapping[str, list[TensorPlan]],
         out: Path,
         metadata: Mapping[str, str],
-        weights: Any,
+        weights: _AdapterWeights,
         device: torch.device,
         progress: Callable[[Progress], None] | None,
         cancelled: Callable[[], bool] | None,
@@ -303,47 +479,55 @@ class _Pipeline:
         self.device = device
         self.progress = progress
         self.cancelled = cancelled
-        self.items = [plan for plans in shards.values() for plan in plans]
         self.shard_of = {key: shard for shard, h in headers.items() for key in h.tensors}
-        # In flight at once: the largest tensor plus half as much again (at least 64 MiB), so
-        # reading, compute and writing overlap while peak memory stays ~1.5x the largest tensor.
-        largest = max((self._cost(p) for p in self.items), default=0)
-        self.budget = _Budget(largest + max(largest // 2, 64 << 20))
+        self.pieces = {
+            shard: [piece for plan in plans for piece in _pieces(plan, self._source_bytes(plan))]
+            for shard, plans in shards.items()
+        }
+        # In flight at once: the largest piece plus half as much again (at least 64 MiB more), so
+        # reading, compute and writing overlap while peak memory follows the largest piece.
+        largest = max((p.cost for pieces in self.pieces.values() for p in pieces), default=0)
+        self.ring = _Ring(largest + max(largest // 2, RING_FLOOR))
         self.to_compute: queue.Queue[Any] = queue.Queue()
         self.to_write: queue.Queue[Any] = queue.Queue()
+        self.to_hash: queue.Queue[Any] = queue.Queue()
+        self.to_sync: queue.Queue[Any] = queue.Queue()
+        self.tensors_total = sum(len(plans) for plans in shards.values())
+        self.bytes_total = sum(p.nbytes for plans in shards.values() for p in plans)
+        self.tensors_done = self.bytes_done = 0
         self.errors: list[BaseException] = []
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _cost(self, plan: TensorPlan) -> int:
-        """Bytes a tensor holds while in flight: its input or its output, the larger."""
-        source = 0
-        if plan.source is not None:
-            source = self.headers[self.shard_of[plan.source]].tensors[plan.source].nbytes
-        return max(source, plan.nbytes)
+    def _source_bytes(self, plan: TensorPlan) -> int:
+        if plan.source is None:
+            return 0
+        return self.headers[self.shard_of[plan.source]].tensors[plan.source].nbytes
 
     def run(self, publish: Callable[[FileEntry], None]) -> None:
-        reader = threading.Thread(target=self._guard, args=(self._read,), name="merge-reader")
-        writer = threading.Thread(
-            target=self._guard, args=(self._write, publish), name="merge-writer"
-        )
-        reader.start()
-        writer.start()
+        stages = [
+            threading.Thread(target=self._guard, args=(self._read,), name="merge-reader"),
+            threading.Thread(target=self._guard, args=(self._write,), name="merge-writer"),
+            threading.Thread(target=self._guard, args=(self._hash,), name="merge-hasher"),
+            threading.Thread(target=self._guard, args=(self._sync, publish), name="merge-syncer"),
+        ]
+        for stage in stages:
+            stage.start()
         try:
             while True:
                 item = self.to_compute.get()
                 if item is _DONE or self.errors:
                     break
-                plan, buffer = item
+                piece, buffer = item
                 if self.cancelled and self.cancelled():
                     raise MergeCancelled()
-                self.to_write.put((plan, self._compute(plan, buffer)))
+                self.to_write.put((piece, self._compute(piece, buffer)))
         except BaseException as exc:
             self.errors.append(exc)
         finally:
             self.to_write.put(_DONE)
-            self.budget.stop()
-            reader.join()
-            writer.join()
+            self.ring.stop()
+            for stage in stages:
+                stage.join()
         if self.errors:
             raise self.errors[0]
 
@@ -352,60 +536,94 @@ class _Pipeline:
             target(*args)
         except BaseException as exc:
             self.errors.append(exc)
-            self.budget.stop()
+            self.ring.stop()
             self.to_compute.put(_DONE)
 
     def _read(self) -> None:
-        for plan in self.items:
-            if not self.budget.acquire(self._cost(plan)) or self.errors:
+        for piece in (p for pieces in self.pieces.values() for p in pieces):
+            region = self.ring.take(piece.cost)
+            if region is None or self.errors:
                 break
             buffer = None
-            if plan.source is not None:
-                shard = self.shard_of[plan.source]
+            if piece.plan.source is not None:
+                shard = self.shard_of[piece.plan.source]
                 header = self.headers[shard]
-                info = header.tensors[plan.source]
-                buffer = bytearray(info.nbytes)
-                self.source.read_into(shard, header.data_start + info.begin, memoryview(buffer))
-            self.to_compute.put((plan, buffer))
+                start = header.data_start + header.tensors[piece.plan.source].begin + piece.offset
+                buffer = region[: piece.source_bytes]
+                self.source.read_into(shard, start, buffer)
+            self.to_compute.put((piece, buffer))
         self.to_compute.put(_DONE)
 
-    def _write(self, publish: Callable[[FileEntry], None]) -> None:
+    # --- writing: write, hash and fsync each run in their own thread --------------------------
+    #
+    # The writer only copies bytes into the page cache and hands them on; the hasher follows it
+    # through the same buffers (hashlib releases the GIL) and gives their ring room back, and the
+    # syncer fsyncs each complete shard while the next one is being written. A shard is
+    # published only once it is both hashed and fsynced; each stage passes _DONE on when it
+    # stops, so a failure or a cancel anywhere stops the ones after it.
+
+    def _write(self) -> None:
         """Write shard by shard, in plan order (the order the reader and compute follow)."""
-        total = len(self.items)
-        total_bytes = sum(p.nbytes for p in self.items)
-        done = done_bytes = 0
-        for shard, plans in self.shards.items():
-            digest = hashlib.sha256()
-            with open(self.out / shard, "wb") as handle:
-                header = self._header(plans)
-                handle.write(header)
-                digest.update(header)
-                for expected in plans:
-                    item = self.to_write.get()
-                    if item is _DONE:
-                        return  # compute stopped (an error or a cancel): leave the rest
-                    plan, data = item
-                    assert plan is expected
-                    view = memoryview(data)
-                    handle.write(view)
-                    digest.update(view)
-                    del data, view
-                    self.budget.release(self._cost(plan))
-                    done += 1
-                    done_bytes += plan.nbytes
-                    if self.progress:
-                        self.progress(
-                            Progress(
-                                tensors_done=done,
-                                tensors_total=total,
-                                bytes_done=done_bytes,
-                                bytes_total=total_bytes,
-                            )
-                        )
-                handle.flush()
-                os.fsync(handle.fileno())
-                size = handle.tell()
-            publish(FileEntry(shard, size, digest.hexdigest()))
+        try:
+            for shard, pieces in self.pieces.items():
+                if not self._write_shard(shard, pieces):
+                    return  # compute stopped (an error or a cancel): leave the rest
+        finally:
+            self.to_hash.put(_DONE)
+
+    def _write_shard(self, shard: str, pieces: list[_Piece]) -> bool:
+        with open(self.out / shard, "wb") as handle:
+            header = self._header(self.shards[shard])
+            handle.write(header)
+            self.to_hash.put(_Written(header, None))
+            for expected in pieces:
+                item = self.to_write.get()
+                if item is _DONE or self.errors:
+                    return False
+                piece, data = item
+                assert piece is expected
+                handle.write(data)
+                self.to_hash.put(_Written(data, piece))
+                self._report(piece)
+            size = handle.tell()
+        self.to_hash.put(_ShardWritten(shard, size))
+        return True
+
+    def _report(self, piece: _Piece) -> None:
+        self.tensors_done += piece.last
+        self.bytes_done += piece.nbytes
+        if self.progress:
+            self.progress(
+                Progress(
+                    tensors_done=self.tensors_done,
+                    tensors_total=self.tensors_total,
+                    bytes_done=self.bytes_done,
+                    bytes_total=self.bytes_total,
+                )
+            )
+
+    def _hash(self) -> None:
+        """sha256 of each shard over the bytes the writer wrote; their ring room goes back once
+        they are hashed (the last use of it)."""
+        digest = hashlib.sha256()
+        try:
+            while (item := self.to_hash.get()) is not _DONE:
+                if isinstance(item, _ShardWritten):
+                    self.to_sync.put((item, digest.hexdigest()))
+                    digest = hashlib.sha256()
+                    continue
+                digest.update(item.data)
+                if item.piece is not None:
+                    self.ring.give_back()
+        finally:
+            self.to_sync.put(_DONE)
+
+    def _sync(self, publish: Callable[[FileEntry], None]) -> None:
+        """fsync each written and hashed shard, then publish it (only complete, durable files)."""
+        while (item := self.to_sync.get()) is not _DONE:
+            written, sha256 = item
+            _fsync_file(self.out / written.shard)
+            publish(FileEntry(written.shard, written.size, sha256))
 
     def _header(self, plans: list[TensorPlan]) -> bytes:
         header: dict[str, Any] = {"__metadata__": self.metadata}
@@ -423,12 +641,13 @@ class _Pipeline:
 
     # --- compute -------------------------------------------------------------------------------
 
-    def _compute(self, plan: TensorPlan, buffer: bytearray | None) -> bytes | bytearray:
+    def _compute(self, piece: _Piece, buffer: memoryview | None) -> memoryview | bytearray:
+        plan = piece.plan
         if not plan.changed:
             assert buffer is not None
             if plan.dtype == plan.source_dtype:
                 return buffer
-            return _cast(buffer, plan)
+            return _cast(buffer, piece)
         model_dtype = TORCH_DTYPES[plan.source_dtype or plan.dtype]
         out_dtype = TORCH_DTYPES[plan.dtype]
         if plan.replace:
@@ -437,6 +656,7 @@ class _Pipeline:
             assert buffer is not None
             weight = _view(buffer, model_dtype, plan.shape)
         # Results land in a buffer of the output dtype: the input buffer itself when it fits.
+        result: memoryview | bytearray
         if buffer is not None and model_dtype == out_dtype and not plan.replace:
             result, target = buffer, weight
         else:
@@ -551,18 +771,19 @@ def _check_finite(values: torch.Tensor, key: str) -> None:
     )
 
 
-def _view(buffer: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def _view(buffer: memoryview | bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if not buffer:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def _cast(buffer: bytearray, plan: TensorPlan) -> bytearray:
-    assert plan.source_dtype is not None
-    result = bytearray(plan.nbytes)
+def _cast(buffer: memoryview, piece: _Piece) -> bytearray:
+    """A copied piece in another dtype (elementwise, so any stretch of a tensor converts)."""
+    assert piece.plan.source_dtype is not None
+    result = bytearray(piece.nbytes)
     if result:
-        source = _view(buffer, TORCH_DTYPES[plan.source_dtype], plan.shape)
-        _view(result, TORCH_DTYPES[plan.dtype], plan.shape).copy_(source)
+        source = torch.frombuffer(buffer, dtype=TORCH_DTYPES[piece.plan.source_dtype])
+        torch.frombuffer(result, dtype=TORCH_DTYPES[piece.plan.dtype]).copy_(source)
     return result
 
 
@@ -647,6 +868,15 @@ def _model_card(signature: BaseSignature, stamp: Mapping[str, str], plan: MergeP
         "",
     ]
     return "\n".join(lines)
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync a closed file (Linux and macOS flush the file's data whichever descriptor asks)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

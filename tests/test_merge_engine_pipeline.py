@@ -1,0 +1,233 @@
+"""The merge engine's pipeline (worker.engine): its ring of reused memory, copied tensors moving in
+pieces, and the writer, hasher and syncer threads behind it.
+
+Outputs are compared byte for byte with a merge made with the default sizes (the oracle tests
+check those against PEFT). Nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry.core.jobs import Progress
+from registry.core.manifest import FileEntry
+from tests.support.merging import folder_bytes
+from worker import engine
+from worker.engine import MergeCancelled, MergeOptions, merge, merge_to_folder
+from worker.plan import TensorPlan
+
+KiB = 1 << 10
+
+
+def merge_stages() -> list[str]:
+    """Names of the pipeline threads still alive."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("merge-")]
+
+
+# --- the ring -------------------------------------------------------------------------------------
+
+
+def test_the_ring_hands_out_aligned_room_in_order_and_wraps() -> None:
+    ring = engine._Ring(1024)
+    first = ring.take(300)
+    second = ring.take(500)
+    assert first is not None and second is not None
+    assert len(first) == 300 and len(second) == 500
+    ring.give_back()  # the first: [0, 320) is free again, [320, 832) is held
+    third = ring.take(250)  # does not fit in [832, 1024): skips to 0
+    assert third is not None and ring.end == 256
+    third[:] = b"\x01" * 250
+    assert bytes(second) == bytes(500)  # the held region was not touched
+    ring.give_back()
+    ring.give_back()
+    assert ring.used == 0
+
+
+def test_the_ring_waits_for_room_and_stops() -> None:
+    ring = engine._Ring(1024)
+    assert ring.take(1000) is not None
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(ring.take(1000)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "there is no room until the first region is given back"
+    ring.give_back()
+    waiter.join(5)
+    assert got and got[0] is not None
+    blocked = threading.Thread(target=lambda: got.append(ring.take(1000)))
+    blocked.start()
+    ring.stop()
+    blocked.join(5)
+    assert not blocked.is_alive() and got[-1] is None
+
+
+def test_regions_in_use_are_never_handed_out_again() -> None:
+    """Regions of random sizes taken and given back in a random rhythm: after every step, each
+    region still held holds what was written into it."""
+    ring = engine._Ring(1024)
+    schedule = random.Random(7)
+    held: deque[tuple[bytes, memoryview]] = deque()
+
+    def give_back_oldest() -> None:
+        held.popleft()
+        ring.give_back()
+
+    for number in range(3000):
+        size = schedule.randrange(0, 400)
+        room = -(-size // engine.ALIGN) * engine.ALIGN
+        while ring._fit(room) is None:  # take() would wait for this: give back first
+            give_back_oldest()
+        region = ring.take(size)
+        assert region is not None
+        region[:] = content = bytes([number % 251]) * size
+        held.append((content, region))
+        if schedule.random() < 0.5:
+            give_back_oldest()
+        for content, region in held:
+            assert bytes(region) == content, "a region in use was handed out again"
+    while held:
+        give_back_oldest()
+    assert ring.used == 0
+
+
+def test_copied_tensors_move_in_pieces_and_merged_ones_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "PIECE_BYTES", 4 * KiB)
+    copied = TensorPlan("a", "s", "BF16", [5, 1024], "a", source_dtype="BF16")
+    pieces = engine._pieces(copied, 10 * KiB)
+    assert [(p.offset, p.source_bytes, p.last) for p in pieces] == [
+        (0, 4 * KiB, False),
+        (4 * KiB, 4 * KiB, False),
+        (8 * KiB, 2 * KiB, True),
+    ]
+    cast = TensorPlan("a", "s", "F32", [5, 1024], "a", source_dtype="BF16")
+    pieces = engine._pieces(cast, 10 * KiB)  # 1,024 elements a piece: 2 KiB in, 4 KiB out
+    assert [(p.source_bytes, p.nbytes) for p in pieces][:2] == [(2 * KiB, 4 * KiB)] * 2
+    assert sum(p.nbytes for p in pieces) == 20 * KiB and pieces[-1].last
+    empty = TensorPlan("e", "s", "BF16", [0], "e", source_dtype="BF16")
+    assert [(p.source_bytes, p.last) for p in engine._pieces(empty, 0)] == [(0, True)]
+    merged = TensorPlan("m", "s", "BF16", [5, 1024], "m", source_dtype="BF16", replace="x")
+    assert len(engine._pieces(merged, 10 * KiB)) == 1
+
+
+# --- whole merges -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_small_pieces_and_a_small_ring_give_the_same_bytes(
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: str | None,
+) -> None:
+    """Many pieces per tensor and a ring that wraps all the time: the output does not change."""
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    options = MergeOptions(dtype=dtype)
+    merge_to_folder(adapter, base, tmp_path / "default", options=options)
+    monkeypatch.setattr(engine, "PIECE_BYTES", 1 * KiB)
+    monkeypatch.setattr(engine, "RING_FLOOR", 8 * KiB)
+    progress: list[Progress] = []
+    merge_to_folder(adapter, base, tmp_path / "small", options=options, progress=progress.append)
+    assert folder_bytes(tmp_path / "small") == folder_bytes(tmp_path / "default")
+    done = [(p.tensors_done, p.bytes_done) for p in progress]
+    assert done == sorted(done) and len(done) > progress[-1].tensors_total
+    assert progress[-1].tensors_done == progress[-1].tensors_total
+    assert progress[-1].bytes_done == progress[-1].bytes_total
+    assert not merge_stages()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_on_file_sees_only_hashed_and_fsynced_files(
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    out = tmp_path / "merged"
+    synced: set[Path] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")))
+
+    def on_file(entry: FileEntry) -> None:
+        path = out / entry.path
+        assert path.resolve() in synced, f"{entry.path} was published before its fsync"
+        data = path.read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry.size, entry.sha256)
+        seen.append(entry.path)
+
+    seen: list[str] = []
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = merge(adapter, base, out, on_file=on_file)
+    assert sorted(seen) == sorted(f.path for f in result.files)
+    assert sum(p.endswith(".safetensors") for p in seen) > 1
+
+
+def test_a_failing_publish_stops_every_stage_and_leaves_nothing(
+    adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+
+    def on_file(entry: FileEntry) -> None:
+        raise OSError("upload refused")
+
+    with pytest.raises(OSError, match="upload refused"):
+        merge_to_folder(adapter, base, tmp_path / "merged", on_file=on_file)
+    assert not merge_stages()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cancel_stops_every_stage(
+    adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    asked: list[bool] = []
+
+    def cancelled() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    with pytest.raises(MergeCancelled):
+        merge_to_folder(adapter, base, tmp_path / "merged", cancelled=cancelled)
+    assert not merge_stages()
+    assert not (tmp_path / "merged").exists()
+
+
+def test_overlapping_cpu_merges_put_torch_threads_back_once_the_last_ends() -> None:
+    """Two merges of one worker (--concurrency 2) end in either order: torch's process-wide
+    thread count stays lowered while either runs and is restored after the last one."""
+    from worker.engine import _compute_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        first, second = _compute_threads(torch.device("cpu")), _compute_threads(torch.device("cpu"))
+        first.__enter__()
+        lowered = torch.get_num_threads()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first merge ends before the second
+        assert torch.get_num_threads() == lowered
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 4
+        with _compute_threads(torch.device("cuda")):  # GPU merges leave the CPU setting alone
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
