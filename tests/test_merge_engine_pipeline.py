@@ -8,6 +8,7 @@ check those against PEFT). Nothing here asserts a duration.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import threading
@@ -28,9 +29,12 @@ from worker.plan import TensorPlan
 KiB = 1 << 10
 
 
+STAGES = {"merge-reader", "merge-writer", "merge-hasher", "merge-syncer"}
+
+
 def merge_stages() -> list[str]:
     """Names of the pipeline threads still alive."""
-    return [t.name for t in threading.enumerate() if t.name.startswith("merge-")]
+    return [t.name for t in threading.enumerate() if t.name in STAGES]
 
 
 # --- the ring -------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def test_copied_tensors_move_in_pieces_and_merged_ones_whole(
 # --- whole merges -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])  # the test base is float32
 def test_small_pieces_and_a_small_ring_give_the_same_bytes(
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
@@ -211,23 +215,126 @@ def test_a_cancel_stops_every_stage(
     assert not (tmp_path / "merged").exists()
 
 
-def test_overlapping_cpu_merges_put_torch_threads_back_once_the_last_ends() -> None:
-    """Two merges of one worker (--concurrency 2) end in either order: torch's process-wide
-    thread count stays lowered while either runs and is restored after the last one."""
+def test_overlapping_cpu_merges_each_lower_and_restore_their_own_torch_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two merges of one worker (--concurrency 2) in two threads, ending in either order: each
+    computes with fewer threads and gets its own setting back (OpenMP's is per thread)."""
     from worker.engine import _compute_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        first, second = _compute_threads(torch.device("cpu")), _compute_threads(torch.device("cpu"))
-        first.__enter__()
-        lowered = torch.get_num_threads()
-        second.__enter__()
-        first.__exit__(None, None, None)  # the first merge ends before the second
-        assert torch.get_num_threads() == lowered
-        second.__exit__(None, None, None)
-        assert torch.get_num_threads() == 4
-        with _compute_threads(torch.device("cuda")):  # GPU merges leave the CPU setting alone
-            assert torch.get_num_threads() == 4
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(6)), raising=False)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, tuple[int, int, int]] = {}
+
+    def merge_in_thread(name: str, wait_for: threading.Event, then: threading.Event) -> None:
+        torch.set_num_threads(6)
+        with _compute_threads(torch.device("cpu")):
+            lowered = torch.get_num_threads()
+            then.set()
+            wait_for.wait(10)
+            still = torch.get_num_threads()
+        seen[name] = (lowered, still, torch.get_num_threads())
+
+    first = threading.Thread(target=merge_in_thread, args=("first", second_in, first_in))
+    first.start()
+    first_in.wait(10)
+    second = threading.Thread(target=merge_in_thread, args=("second", first_out, second_in))
+    second.start()
+    first.join(10)  # the first merge ends while the second one runs
+    first_out.set()
+    second.join(10)
+    assert seen == {"first": (4, 4, 6), "second": (4, 4, 6)}
+    with _compute_threads(torch.device("cuda")):  # GPU merges leave the CPU setting alone
+        assert torch.get_num_threads() == torch.get_num_threads()
+
+
+def _fail_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.FolderSource.read_into
+    calls = [0]
+
+    def read_into(self: engine.FolderSource, path: str, start: int, buffer: memoryview) -> None:
+        calls[0] += isinstance(buffer.obj, mmap.mmap)  # tensor data (headers come first)
+        if calls[0] > 5:
+            raise OSError("injected: read failed")
+        real(self, path, start, buffer)
+
+    monkeypatch.setattr(engine.FolderSource, "read_into", read_into)
+
+
+def _fail_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine._Ring.give_back
+    calls = [0]
+
+    def give_back(self: engine._Ring) -> None:
+        calls[0] += 1
+        if calls[0] > 4:
+            raise OSError("injected: hasher failed")
+        real(self)
+
+    monkeypatch.setattr(engine._Ring, "give_back", give_back)
+
+
+def _fail_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fsync_file(path: Path) -> None:
+        raise OSError("injected: fsync EIO")
+
+    monkeypatch.setattr(engine, "_fsync_file", fsync_file)
+
+
+def _fail_computing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def check_finite(values: torch.Tensor, key: str) -> None:
+        raise engine.NonFiniteResult(f"injected: NaN in {key}", tensor=key)
+
+    monkeypatch.setattr(engine, "_check_finite", check_finite)
+
+
+@pytest.mark.parametrize("fault", [_fail_reading, _fail_hashing, _fail_fsync, _fail_computing])
+def test_a_failing_stage_stops_every_stage_unmaps_the_ring_and_leaves_nothing(
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Callable[[pytest.MonkeyPatch], None],
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    rings: list[engine._Ring] = []
+    real_ring = engine._Ring
+
+    def tracked(size: int) -> engine._Ring:
+        rings.append(real_ring(size))
+        return rings[-1]
+
+    fault(monkeypatch)
+    monkeypatch.setattr(engine, "_Ring", tracked)
+    published: list[str] = []
+    with pytest.raises(Exception, match="injected"):
+        merge_to_folder(
+            adapter, base, tmp_path / "merged", on_file=lambda e: published.append(e.path)
+        )
+    assert not merge_stages()
+    assert not list(tmp_path.iterdir())  # neither the output nor its staging folder
+    assert rings and all(ring._memory.closed for ring in rings)  # unmapped, not left to gc
+
+
+def test_a_float16_cast_that_overflows_names_the_tensor(
+    adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A copied (not merged) float32 value above 65504 would silently become inf."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from registry.core.errors import NonFiniteResult
+
+    base = shutil.copytree(base_dir("llama"), tmp_path / "base")
+    shard = base / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.norm.weight"][0] = 1e5  # fine in float32 and bfloat16
+    save_file(tensors, shard, metadata={"format": "pt"})
+    adapter = adapter_dir("llama")
+    merge_to_folder(adapter, base, tmp_path / "bf16", options=MergeOptions(dtype="bfloat16"))
+    with pytest.raises(NonFiniteResult, match=r"model\.norm\.weight") as refused:
+        merge_to_folder(adapter, base, tmp_path / "fp16", options=MergeOptions(dtype="float16"))
+    assert "bfloat16" in refused.value.message
+    assert not (tmp_path / "fp16").exists()

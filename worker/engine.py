@@ -30,6 +30,7 @@ import os
 import queue
 import shutil
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -134,42 +135,26 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _ComputeThreads:
+@contextlib.contextmanager
+def _compute_threads(device: torch.device) -> Iterator[None]:
     """Leave the pipeline's other threads a core of their own while merging on the CPU.
 
     The writer and the hasher keep about two cores busy. torch's CPU ops run as an OpenMP team
     that spins while it waits for a member whose core is busy: on 2 cores, 2 torch threads cost
-    twice the CPU time of 1 and were not faster. torch's setting is process-wide, and a worker
-    with --concurrency runs merges side by side, so the first CPU merge in lowers it and the
-    last one out puts it back.
+    twice the CPU time of 1 and were not faster. With OpenMP the setting belongs to the calling
+    thread (the one that computes, see _Pipeline.run), so each merge lowers and restores its own;
+    merges side by side (--concurrency) do not disturb each other.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._before = 0
-
-    @contextlib.contextmanager
-    def __call__(self, device: torch.device) -> Iterator[None]:
-        if device.type != "cpu":
-            yield
-            return
-        with self._lock:
-            if self._users == 0:
-                self._before = torch.get_num_threads()
-                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-                torch.set_num_threads(max(1, min(self._before, (cores or os.cpu_count() or 1) - 2)))
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    torch.set_num_threads(self._before)
-
-
-_compute_threads = _ComputeThreads()
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, min(before, (cores or 1) - 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def merge(
@@ -389,7 +374,8 @@ class _Ring:
 
     def __init__(self, size: int) -> None:
         self.size = -(-size // ALIGN) * ALIGN
-        self.view = memoryview(mmap.mmap(-1, self.size))  # anonymous: pages appear when touched
+        self._memory = mmap.mmap(-1, self.size)  # anonymous: pages appear when touched
+        self.view = memoryview(self._memory)
         self.start = 0  # where the oldest region held begins (with the gap skipped before it)
         self.end = 0  # where the free room begins
         self.used = 0  # bytes held, gaps included
@@ -436,6 +422,15 @@ class _Ring:
         with self._cond:
             self.stopped = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Unmap the memory now, not when the garbage collector finds the pipeline: a failed
+        merge's exception keeps the pipeline alive through its traceback. A piece still viewed
+        somewhere (BufferError) keeps the mapping alive until it is dropped, which is safe."""
+        self.stop()
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self._memory.close()
 
 
 _DONE = object()
@@ -510,26 +505,48 @@ class _Pipeline:
             threading.Thread(target=self._guard, args=(self._hash,), name="merge-hasher"),
             threading.Thread(target=self._guard, args=(self._sync, publish), name="merge-syncer"),
         ]
-        for stage in stages:
-            stage.start()
+        started: list[threading.Thread] = []
         try:
-            while True:
-                item = self.to_compute.get()
-                if item is _DONE or self.errors:
-                    break
-                piece, buffer = item
-                if self.cancelled and self.cancelled():
-                    raise MergeCancelled()
-                self.to_write.put((piece, self._compute(piece, buffer)))
+            for stage in stages:
+                stage.start()
+                started.append(stage)
+            self._compute_all()
         except BaseException as exc:
             self.errors.append(exc)
         finally:
+            # Shutdown: the writer ends on _DONE and passes it on to the hasher and the syncer;
+            # the reader ends when the ring stops (and a failing stage stops it too, see _guard).
             self.to_write.put(_DONE)
             self.ring.stop()
-            for stage in stages:
+            for stage in started:
                 stage.join()
+            self._release_ring()
         if self.errors:
-            raise self.errors[0]
+            first, self.errors = self.errors[0], []
+            raise first
+
+    def _compute_all(self) -> None:
+        """The compute stage, in the calling thread (the one whose torch threads were set)."""
+        while True:
+            item = self.to_compute.get()
+            if item is _DONE or self.errors:
+                break
+            piece, buffer = item
+            if self.cancelled and self.cancelled():
+                raise MergeCancelled()
+            self.to_write.put((piece, self._compute(piece, buffer)))
+
+    def _release_ring(self) -> None:
+        """Unmap the ring now. After a failure, views of it may still sit in the queues and in
+        the locals of the failed stages' frames (which the exception's traceback keeps): drop
+        both first (the traceback still prints; only its frames' variables go)."""
+        for stage_queue in (self.to_compute, self.to_write, self.to_hash, self.to_sync):
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    stage_queue.get_nowait()
+        for error in self.errors:
+            traceback.clear_frames(error.__traceback__)
+        self.ring.close()
 
     def _guard(self, target: Callable[..., None], *args: Any) -> None:
         try:
@@ -621,9 +638,12 @@ class _Pipeline:
     def _sync(self, publish: Callable[[FileEntry], None]) -> None:
         """fsync each written and hashed shard, then publish it (only complete, durable files)."""
         while (item := self.to_sync.get()) is not _DONE:
+            if self.errors:  # failing or cancelled: publish nothing more (drain to _DONE)
+                continue
             written, sha256 = item
             _fsync_file(self.out / written.shard)
-            publish(FileEntry(written.shard, written.size, sha256))
+            if not self.errors:
+                publish(FileEntry(written.shard, written.size, sha256))
 
     def _header(self, plans: list[TensorPlan]) -> bytes:
         header: dict[str, Any] = {"__metadata__": self.metadata}
@@ -783,7 +803,16 @@ def _cast(buffer: memoryview, piece: _Piece) -> bytearray:
     result = bytearray(piece.nbytes)
     if result:
         source = torch.frombuffer(buffer, dtype=TORCH_DTYPES[piece.plan.source_dtype])
-        torch.frombuffer(result, dtype=TORCH_DTYPES[piece.plan.dtype]).copy_(source)
+        converted = torch.frombuffer(result, dtype=TORCH_DTYPES[piece.plan.dtype])
+        converted.copy_(source)
+        # float16 tops out at 65504: a finite base value above it becomes inf in the cast.
+        overflow = converted.dtype == torch.float16 and not bool(torch.isfinite(converted).all())
+        if overflow and bool(torch.isfinite(source).all()):
+            raise NonFiniteResult(
+                f"--dtype float16 turns values of {piece.plan.key} into inf (float16 holds "
+                "at most 65504): keep the base's dtype or use --dtype bfloat16",
+                tensor=piece.plan.key,
+            )
     return result
 
 
