@@ -13,6 +13,7 @@ import re
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -459,6 +460,42 @@ def as_token(server: RunningServer, secret: str) -> Callable[..., subprocess.Com
     return cli
 
 
+def create_tokens(server: RunningServer, **scopes: str) -> dict[str, str]:
+    """Tokens made with the bootstrap admin token through the CLI: name -> secret."""
+    secrets = {}
+    for name, scope in scopes.items():
+        created = server.cli("token", "create", name, "--scope", scope, "--json")
+        assert created.returncode == 0, created.stderr
+        secrets[name] = json.loads(created.stdout)["token"]
+    return secrets
+
+
+@contextmanager
+def auth_server(
+    tmp_path: Path, pg_database: Callable[[], str], **extra_env: str
+) -> Iterator[RunningServer]:
+    """A server of its own (SQLite + folder store) with auth on."""
+    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
+    env.update({"LORA_REG_AUTH": "on", **extra_env})
+    server = start_server(tmp_path, env, "sqlite-folder", bucket)
+    try:
+        yield server
+    finally:
+        stop_server(server.process)
+
+
+def push_for_merge(
+    cli: Callable[..., subprocess.CompletedProcess[str]], base: Path, adapter: Path
+) -> str:
+    """Register `base` as org/tiny (stored) and push `adapter` on it; the adapter's name."""
+    added = cli("base", "add", "org/tiny", "--from", str(base), "--upload")
+    assert added.returncode == 0, added.stderr
+    name = unique_name()
+    pushed = cli("push", str(adapter), name, "--base", "org/tiny")
+    assert pushed.returncode == 0, pushed.stderr
+    return name
+
+
 def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: RunningServer) -> None:
     token_file = Path(secured_server.env["LORA_REG_BOOTSTRAP_TOKEN_FILE"])
     assert secured_server.token is not None
@@ -569,20 +606,10 @@ def test_a_job_answers_only_to_the_token_that_claimed_it(
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
 ) -> None:
-    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
-    env["LORA_REG_AUTH"] = "on"
-    server = start_server(tmp_path, env, "sqlite-folder", bucket)
-    try:
-        secrets = {}
-        for name, scope in (("trainer", "write"), ("gpu-1", "worker"), ("gpu-2", "worker")):
-            created = server.cli("token", "create", name, "--scope", scope, "--json")
-            secrets[name] = json.loads(created.stdout)["token"]
+    with auth_server(tmp_path, pg_database) as server:
+        secrets = create_tokens(server, trainer="write", **{"gpu-1": "worker", "gpu-2": "worker"})
         trainer = as_token(server, secrets["trainer"])
-        assert trainer("base", "add", "org/tiny", "--from", str(base_dir("llama"))).returncode == 0
-        name = unique_name()
-        assert (
-            trainer("push", str(adapter_dir("llama")), name, "--base", "org/tiny").returncode == 0
-        )
+        name = push_for_merge(trainer, base_dir("llama"), adapter_dir("llama"))
         assert trainer("merge", f"{name}@1").returncode == 0
 
         def call(token: str, path: str, body: dict[str, object]) -> httpx.Response:
@@ -600,8 +627,6 @@ def test_a_job_answers_only_to_the_token_that_claimed_it(
         assert call(secrets["gpu-1"], f"/{job}/heartbeat", beat).status_code == 200
         started = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
         assert [e["actor"] for e in started["items"]] == ["gpu-1"]
-    finally:
-        stop_server(server.process)
 
 
 def test_who_moved_what_and_when_across_actors(
@@ -609,11 +634,7 @@ def test_who_moved_what_and_when_across_actors(
 ) -> None:
     """Point-in-time resolution across moves by three different tokens, audit actors, scopes."""
     server = secured_server
-    secrets = {}
-    for name, scope in (("alice", "write"), ("bob", "write"), ("release", "admin"), ("ro", "read")):
-        created = server.cli("token", "create", name, "--scope", scope, "--json")
-        assert created.returncode == 0, created.stderr
-        secrets[name] = json.loads(created.stdout)["token"]
+    secrets = create_tokens(server, alice="write", bob="write", release="admin", ro="read")
     alice, bob, release, ro = (
         as_token(server, secrets[n]) for n in ("alice", "bob", "release", "ro")
     )
@@ -682,30 +703,15 @@ def test_the_embedded_worker_merges_with_auth_on(
     base_dir: Callable[..., Path],
 ) -> None:
     """Its token exists only in the server process; a write token requests the merge."""
-    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
-    env.update({"LORA_REG_AUTH": "on", "LORA_REG_EMBEDDED_WORKER": "true"})
-    server = start_server(tmp_path, env, "sqlite-folder", bucket)
-    try:
-        created = server.cli("token", "create", "trainer", "--scope", "write", "--json")
-        trainer = as_token(server, json.loads(created.stdout)["token"])
-        assert (
-            trainer(
-                "base", "add", "org/tiny", "--from", str(base_dir("llama")), "--upload"
-            ).returncode
-            == 0
-        )
-        name = unique_name()
-        assert (
-            trainer("push", str(adapter_dir("llama")), name, "--base", "org/tiny").returncode == 0
-        )
+    with auth_server(tmp_path, pg_database, LORA_REG_EMBEDDED_WORKER="true") as server:
+        trainer = as_token(server, create_tokens(server, trainer="write")["trainer"])
+        name = push_for_merge(trainer, base_dir("llama"), adapter_dir("llama"))
         merged = trainer("merge", f"{name}@1", "--wait", "--json")
         assert merged.returncode == 0, merged.stderr
         job = json.loads(merged.stdout)
         assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
         events = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
         assert [e["actor"] for e in events["items"]] == ["(embedded-worker)"]
-    finally:
-        stop_server(server.process)
 
 
 def test_auth_off_is_refused_on_a_non_loopback_address(tmp_path: Path) -> None:
