@@ -132,7 +132,8 @@ def test_merges_are_deterministic(
 def test_a_killed_local_merge_leaves_nothing_under_the_final_name(
     adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """SIGKILL while the engine is writing: only a staging folder is left, then a re-run works."""
+    """SIGKILL while the engine is writing: only a staging folder is left; a re-run works and
+    removes it."""
     base = base_dir("llama", max_shard_size="40KB")
     adapter = adapter_dir("llama")
     out = tmp_path / "merged"
@@ -153,9 +154,13 @@ merge_to_folder(Path({str(adapter)!r}), Path({str(base)!r}), Path({str(out)!r}),
     assert not out.exists()
     leftovers = list(tmp_path.glob(".merged.partial-*"))
     assert leftovers, "the engine should have been writing into a staging folder"
+    # A staging folder of a merge still running (this test's own process) must be left alone.
+    running = tmp_path / f".merged.partial-{os.getpid()}-1"
+    running.mkdir()
     done = merge_local(adapter, base, out)
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors.index.json").is_file()
+    assert list(tmp_path.glob(".merged.partial-*")) == [running]  # the killed one's is gone
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

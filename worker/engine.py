@@ -240,12 +240,14 @@ def merge_to_folder(
 ) -> MergeResult:
     """`merge` into a staging folder next to `out`, renamed into place only when complete.
 
-    A crash leaves at most a `.NAME.partial-*` folder beside `out`, never a partial `out`.
+    A crash leaves at most a `.NAME.partial-PID-*` folder beside `out`, never a partial `out`;
+    the next merge into `out` removes those whose process is gone.
     """
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExists(f"{out} already exists and is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{threading.get_ident()}"
     _remove_tree(staging)
     try:
@@ -262,6 +264,28 @@ def merge_to_folder(
     finally:
         _remove_tree(staging)
     return result
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove staging folders of merges into `out` whose process no longer runs (killed before
+    they finished). One whose process lives (or whose PID was reused) is left alone."""
+    prefix = f".{out.name}.partial-"
+    for leftover in out.parent.iterdir():
+        if not leftover.name.startswith(prefix):
+            continue
+        pid = leftover.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove_tree(leftover)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 # --- reading the inputs ------------------------------------------------------------------------
