@@ -33,6 +33,7 @@ from registry.core.compat import CompatReport
 from registry.core.errors import (
     ArtifactNotFound,
     BlobMissing,
+    BlobNotFound,
     ChecksumMismatch,
     InvalidInput,
     InvalidReference,
@@ -979,6 +980,8 @@ class Registry:
         partial = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         digest = hashlib.sha256()
         received = 0
+        if file.url is None:
+            raise BlobNotFound(f"the registry does not hold {file.path}: nothing to download")
         client = self.http if file.url.startswith("/") else self.raw
         try:
             with client.stream("GET", file.url) as response:

@@ -160,6 +160,13 @@ def test_merge_job_to_a_folder_on_the_worker(
     assert {f["path"] for f in job["result"]["files"]} == set(files)
     assert "model.safetensors" in files and "config.json" in files
     assert not list(tmp_path.glob(".published.partial-*"))
+    # Recorded (identify knows it) but not stored here: no download links, and pull says where.
+    with server.client(tmp_path / "cache") as client:
+        artifact = client.artifact(job["result"]["artifact"])
+    assert not artifact.stored and artifact.files
+    assert all(file.url is None for file in artifact.files)
+    pulled = server.cli("pull", artifact.digest, "-o", str(tmp_path / "pulled"))
+    assert pulled.returncode == 3 and str(out) in pulled.stderr
 
 
 def test_cancel_a_queued_job_and_list_jobs(

@@ -175,7 +175,9 @@ class VersionFileOut(BaseModel):
     path: str
     size: int
     sha256: str
-    url: str  # where to GET the bytes (relative URLs are on the API server)
+    # Where to GET the bytes (relative URLs are on the API server); None for a merged artifact
+    # published elsewhere (a folder, S3, the Hub), whose bytes this registry does not hold.
+    url: str | None
 
 
 class VersionOut(BaseModel):

@@ -634,7 +634,12 @@ def get_artifact(session: Session, text: str) -> ArtifactOut:
         size=row.size,
         created_at=as_utc(row.created_at),
         files=[
-            VersionFileOut(path=f.path, size=f.size, sha256=f.sha256, url=blob_url(f.sha256))
+            VersionFileOut(
+                path=f.path,
+                size=f.size,
+                sha256=f.sha256,
+                url=blob_url(f.sha256) if row.stored else None,
+            )
             for f in files
         ],
     )
