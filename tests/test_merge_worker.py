@@ -169,6 +169,19 @@ def test_merge_job_to_a_folder_on_the_worker(
     assert pulled.returncode == 3 and str(out) in pulled.stderr
 
 
+def test_a_retried_dir_job_removes_what_its_killed_attempt_left(tmp_path: Path) -> None:
+    from worker.targets import DirTarget
+
+    killed = tmp_path / ".published.partial-job-abc123-0f0f0f0f"  # this job, an earlier attempt
+    other = tmp_path / ".published.partial-job-abc1234-1e1e1e1e"  # another job (longer id)
+    for leftover in (killed, other):
+        (leftover / "model.safetensors").parent.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half written")
+    staging = DirTarget(tmp_path / "published").staging(tmp_path / "work" / "job-abc123-2d2d2d2d")
+    assert staging == tmp_path / ".published.partial-job-abc123-2d2d2d2d"
+    assert not killed.exists() and other.exists()
+
+
 def test_cancel_a_queued_job_and_list_jobs(
     server: RunningServer, adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]
 ) -> None:

@@ -15,6 +15,7 @@ visible only once everything is there:
 from __future__ import annotations
 
 import contextlib
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,16 @@ class DirTarget(Publisher):
         self.path = path
 
     def staging(self, work: Path) -> Path:
-        # Beside the final folder, so publishing is a rename on one filesystem.
-        self.out = self.path.parent / f".{self.path.name}.partial-{work.name}"
+        # Beside the final folder, so publishing is a rename on one filesystem. `work` is named
+        # job-<id>-<random>: what an earlier attempt of this job left (its worker was killed or
+        # lost the lease, so it publishes nothing) is removed first.
+        prefix = f".{self.path.name}.partial-"
+        job = work.name.rsplit("-", 1)[0]
+        if self.path.parent.is_dir():
+            for leftover in self.path.parent.iterdir():
+                if leftover.name.startswith(f"{prefix}{job}-"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+        self.out = self.path.parent / f"{prefix}{work.name}"
         return self.out
 
     def publish(self, files: list[FileEntry]) -> str:
