@@ -17,7 +17,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.core.errors import Conflict, RegistryError
-from registry.core.schemas import Scope, TokenCreated, check_token_name
+from registry.core.schemas import Scope, TokenCreated
+from registry.core.tokens import DATABASE_ACTOR, EMBEDDED_WORKER_ACTOR
 from registry.db import make_engine, schema_status, session_scope, upgrade
 from registry.settings import Settings
 
@@ -135,11 +136,10 @@ def create_token_in_database(settings: Settings, name: str, scope: Scope) -> Tok
     provision tokens before the API is up). Its audit row's actor is `(database)`."""
     from registry.tokens.service import create_token
 
-    check_token_name(name)
     engine = make_engine(settings.sqlalchemy_url)
     try:
         with session_scope(engine) as session:
-            return create_token(session, name, scope, actor="(database)")
+            return create_token(session, name, scope, actor=DATABASE_ACTOR)
     finally:
         engine.dispose()
 
@@ -170,7 +170,7 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
     import uvicorn
 
     from registry.app import create_app
-    from registry.auth import EMBEDDED_WORKER, issue_internal_token
+    from registry.auth import issue_internal_token
 
     settings = load_settings()
     check_auth(settings, host)
@@ -193,7 +193,7 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
     if embedded_worker:
         # Its own worker-scope token, known only to this process (or LORA_REG_WORKER_TOKEN).
         token = os.environ.get("LORA_REG_WORKER_TOKEN") or (
-            issue_internal_token(app, EMBEDDED_WORKER, "worker") if settings.auth else None
+            issue_internal_token(app, EMBEDDED_WORKER_ACTOR, "worker") if settings.auth else None
         )
         stop = start_embedded_worker(host, port, token)
     try:

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,24 +242,46 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def start_migrated_server(
+    request: pytest.FixtureRequest, workdir: Path, backend: str, **extra_env: str
+) -> RunningServer:
+    """A server on `backend` in `workdir` (its PostgreSQL database migrated first), with
+    `extra_env` (LORA_REG_* settings) on top of the test defaults."""
+    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
+    workdir.mkdir(parents=True, exist_ok=True)
+    env, bucket = server_environment(
+        backend, workdir, seaweed, request.getfixturevalue("pg_database")
+    )
+    env.update(extra_env)
+    if backend.startswith("postgres"):
+        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
+        assert migrate.returncode == 0, migrate.stderr
+    return start_server(workdir, env, backend, bucket)
+
+
+@contextmanager
+def own_server(
+    request: pytest.FixtureRequest, workdir: Path, backend: str = "sqlite-folder", **extra_env: str
+) -> Iterator[RunningServer]:
+    """A server of a test's own (not the shared one), stopped when the block ends."""
+    server = start_migrated_server(request, workdir, backend, **extra_env)
+    try:
+        yield server
+    finally:
+        stop_server(server.process)
+
+
 @pytest.fixture(scope="session")
 def servers(
-    tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
-    pg_database: Callable[[], str],
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Callable[[str], RunningServer]]:
     """Start (once per session) and return the server for a backend combination."""
     running: dict[str, RunningServer] = {}
 
     def get(backend: str) -> RunningServer:
         if backend not in running:
-            seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
             workdir = tmp_path_factory.mktemp(f"server-{backend}")
-            env, bucket = server_environment(backend, workdir, seaweed, pg_database)
-            if backend.startswith("postgres"):
-                migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
-                assert migrate.returncode == 0, migrate.stderr
-            running[backend] = start_server(workdir, env, backend, bucket)
+            running[backend] = start_migrated_server(request, workdir, backend)
         return running[backend]
 
     yield get

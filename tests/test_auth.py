@@ -13,7 +13,6 @@ import re
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from registry.tokens import service as tokens
 from tests.conftest import (
     BACKENDS,
     RunningServer,
+    own_server,
     run_cli,
-    server_environment,
     start_server,
     stop_server,
     unique_name,
@@ -436,21 +435,9 @@ def test_a_read_token_checks_without_recording(
 
 
 @pytest.fixture(params=BACKENDS)
-def secured_server(
-    request: pytest.FixtureRequest, tmp_path: Path, pg_database: Callable[[], str]
-) -> Iterator[RunningServer]:
-    backend = request.param
-    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
-    workdir = tmp_path / "server"
-    workdir.mkdir()
-    env, bucket = server_environment(backend, workdir, seaweed, pg_database)
-    env["LORA_REG_AUTH"] = "on"
-    if backend.startswith("postgres"):
-        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
-        assert migrate.returncode == 0, migrate.stderr
-    running = start_server(workdir, env, backend, bucket)
-    yield running
-    stop_server(running.process)
+def secured_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningServer]:
+    with own_server(request, tmp_path / "server", request.param, LORA_REG_AUTH="on") as running:
+        yield running
 
 
 def as_token(server: RunningServer, secret: str) -> Callable[..., subprocess.CompletedProcess[str]]:
@@ -468,20 +455,6 @@ def create_tokens(server: RunningServer, **scopes: str) -> dict[str, str]:
         assert created.returncode == 0, created.stderr
         secrets[name] = json.loads(created.stdout)["token"]
     return secrets
-
-
-@contextmanager
-def auth_server(
-    tmp_path: Path, pg_database: Callable[[], str], **extra_env: str
-) -> Iterator[RunningServer]:
-    """A server of its own (SQLite + folder store) with auth on."""
-    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
-    env.update({"LORA_REG_AUTH": "on", **extra_env})
-    server = start_server(tmp_path, env, "sqlite-folder", bucket)
-    try:
-        yield server
-    finally:
-        stop_server(server.process)
 
 
 def push_for_merge(
@@ -511,6 +484,8 @@ def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: Runnin
     assert rescue.returncode == 0, rescue.stderr
     bad_scope = run_cli("db", "create-token", "x", "--scope", "root", cwd=workdir, env=env)
     assert bad_scope.returncode == 2
+    bad_name = run_cli("db", "create-token", "Rescue Me", cwd=workdir, env=env)
+    assert bad_name.returncode == 6 and "invalid token name" in bad_name.stderr
     again = start_server(
         secured_server.workdir, secured_server.env, secured_server.backend, secured_server.bucket
     )
@@ -601,12 +576,12 @@ def test_auth_off_needs_a_loopback_address(host: str, loopback: bool) -> None:
 
 
 def test_a_job_answers_only_to_the_token_that_claimed_it(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
-    pg_database: Callable[[], str],
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
 ) -> None:
-    with auth_server(tmp_path, pg_database) as server:
+    with own_server(request, tmp_path, LORA_REG_AUTH="on") as server:
         secrets = create_tokens(server, trainer="write", **{"gpu-1": "worker", "gpu-2": "worker"})
         trainer = as_token(server, secrets["trainer"])
         name = push_for_merge(trainer, base_dir("llama"), adapter_dir("llama"))
@@ -697,13 +672,15 @@ def test_who_moved_what_and_when_across_actors(
 
 
 def test_the_embedded_worker_merges_with_auth_on(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
-    pg_database: Callable[[], str],
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
 ) -> None:
     """Its token exists only in the server process; a write token requests the merge."""
-    with auth_server(tmp_path, pg_database, LORA_REG_EMBEDDED_WORKER="true") as server:
+    with own_server(
+        request, tmp_path, LORA_REG_AUTH="on", LORA_REG_EMBEDDED_WORKER="true"
+    ) as server:
         trainer = as_token(server, create_tokens(server, trainer="write")["trainer"])
         name = push_for_merge(trainer, base_dir("llama"), adapter_dir("llama"))
         merged = trainer("merge", f"{name}@1", "--wait", "--json")

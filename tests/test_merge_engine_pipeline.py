@@ -244,8 +244,9 @@ def test_overlapping_cpu_merges_each_lower_and_restore_their_own_torch_threads(
     first_out.set()
     second.join(10)
     assert seen == {"first": (4, 4, 6), "second": (4, 4, 6)}
+    before = torch.get_num_threads()
     with _compute_threads(torch.device("cuda")):  # GPU merges leave the CPU setting alone
-        assert torch.get_num_threads() == torch.get_num_threads()
+        assert torch.get_num_threads() == before
 
 
 def _fail_reading(monkeypatch: pytest.MonkeyPatch) -> None:

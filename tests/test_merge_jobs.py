@@ -46,10 +46,7 @@ from registry.core.schemas import FileSpec
 from tests.conftest import (
     BACKENDS,
     RunningServer,
-    run_cli,
-    server_environment,
-    start_server,
-    stop_server,
+    own_server,
     unique,
     unique_name,
 )
@@ -60,23 +57,12 @@ LEASE_S = 5  # the shortest lease a worker may ask for
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def merge_server(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    pg_database: Callable[[], str],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    backend = request.param
-    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
-    workdir = tmp_path_factory.mktemp(f"merge-{backend}")
-    env, bucket = server_environment(backend, workdir, seaweed, pg_database)
-    env.update(LORA_REG_MERGE_MAX_ATTEMPTS=str(MAX_ATTEMPTS), LORA_REG_EMBEDDED_WORKER="false")
-    if backend.startswith("postgres"):
-        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
-        assert migrate.returncode == 0, migrate.stderr
-    running = start_server(workdir, env, backend, bucket)
-    try:
+    workdir = tmp_path_factory.mktemp(f"merge-{request.param}")
+    settings = {"LORA_REG_MERGE_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
+    with own_server(request, workdir, request.param, **settings) as running:
         yield running
-    finally:
-        stop_server(running.process)
 
 
 @pytest.fixture

@@ -22,10 +22,7 @@ from tests.conftest import (
     ROOT,
     RunningServer,
     lora_reg_command,
-    run_cli,
-    server_environment,
-    start_server,
-    stop_server,
+    own_server,
     unique_name,
 )
 from tests.support.merging import folder_bytes, kill_when, merged_like_a_worker
@@ -34,22 +31,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(params=BACKENDS)
-def server(
-    request: pytest.FixtureRequest, tmp_path: Path, pg_database: Callable[[], str]
-) -> Iterator[RunningServer]:
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningServer]:
     """A server of its own per test: workers claim the oldest queued job, so jobs left by other
     tests on a shared server would be claimed first."""
-    backend = request.param
-    seaweed = request.getfixturevalue("seaweed") if backend.endswith("s3") else None
-    workdir = tmp_path / "server"
-    workdir.mkdir()
-    env, bucket = server_environment(backend, workdir, seaweed, pg_database)
-    if backend.startswith("postgres"):
-        migrate = run_cli("db", "upgrade", cwd=workdir, env=env)
-        assert migrate.returncode == 0, migrate.stderr
-    running = start_server(workdir, env, backend, bucket)
-    yield running
-    stop_server(running.process)
+    with own_server(request, tmp_path / "server", request.param) as running:
+        yield running
 
 
 @pytest.fixture
@@ -282,22 +268,17 @@ def test_a_worker_killed_mid_merge_loses_nothing(
 
 
 def test_the_embedded_worker_merges_without_a_second_process(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
-    pg_database: Callable[[], str],
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
 ) -> None:
-    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
-    env["LORA_REG_EMBEDDED_WORKER"] = "true"
-    server = start_server(tmp_path, env, "sqlite-folder", bucket)
-    try:
+    with own_server(request, tmp_path, LORA_REG_EMBEDDED_WORKER="true") as server:
         ref = _register(server, base_dir("llama"), adapter_dir("llama"), "org/tiny-llama")
         merged = server.cli("merge", ref, "--wait", "--json", timeout=300)
         assert merged.returncode == 0, merged.stderr
         job = json.loads(merged.stdout)
         assert job["status"] == "succeeded" and job["worker"].startswith("embedded-")
-    finally:
-        stop_server(server.process)
 
 
 def test_a_base_on_s3_merged_to_an_s3_prefix(
@@ -348,17 +329,14 @@ def test_a_base_on_s3_merged_to_an_s3_prefix(
 
 
 def test_a_result_the_server_refuses_fails_the_job_with_the_reason(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
-    pg_database: Callable[[], str],
     adapter_dir: Callable[..., Path],
     base_dir: Callable[..., Path],
 ) -> None:
     """The worker merged, but the server will not record the output (larger than it accepts):
     the job ends failed with the server's code, instead of staying running until its lease."""
-    env, bucket = server_environment("sqlite-folder", tmp_path, None, pg_database)
-    env["LORA_REG_MAX_BASE_BYTES"] = "1000"
-    server = start_server(tmp_path, env, "sqlite-folder", bucket)
-    try:
+    with own_server(request, tmp_path, LORA_REG_MAX_BASE_BYTES="1000") as server:
         name = unique_name()
         added = server.cli("base", "add", "org/tiny-llama", "--from", str(base_dir("llama")))
         assert added.returncode == 0, added.stderr
@@ -374,5 +352,3 @@ def test_a_result_the_server_refuses_fails_the_job_with_the_reason(
         assert job["error"]["code"] == "version_too_large"
         assert "merged checkpoint" in job["error"]["message"]
         assert "LORA_REG_MAX_BASE_BYTES" in job["error"]["message"]
-    finally:
-        stop_server(server.process)

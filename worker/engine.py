@@ -933,16 +933,9 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Best effort: a folder's entries made durable where the file system allows it."""
+    with contextlib.suppress(OSError):
+        _fsync_file(path)
 
 
 def _remove_tree(path: Path) -> None:

@@ -42,6 +42,7 @@ _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 # required, and a git branch name as the Hub accepts it, kept to a safe subset.
 _HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _HUB_RE = re.compile(rf"({_HUB_PART}/{_HUB_PART})(?:@([A-Za-z0-9][A-Za-z0-9._/-]{{0,199}}))?")
+_HUB_ORG_RE = re.compile(rf"hub:({_HUB_PART})/\*")
 
 
 class MergeOptions(BaseModel):
@@ -127,10 +128,9 @@ def parse_target(text: str) -> Target:
 
 def parse_allowed_target(text: str) -> Target:
     """An entry of LORA_REG_MERGE_TARGETS: a target, or `hub:ORG/*` for every repo of an org."""
-    if text.startswith("hub:") and text.endswith("/*"):
-        org = parse_target(text[:-2] + "/x").repo
-        assert org is not None
-        return Target(kind="hub", repo=org[: -len("x")] + "*")
+    org = _HUB_ORG_RE.fullmatch(text)
+    if org:
+        return Target(kind="hub", repo=f"{org.group(1)}/*")
     return parse_target(text)
 
 

@@ -10,6 +10,13 @@ import hashlib
 import re
 import secrets
 
+# Audit actors of changes no token made. Parentheses never appear in token names, so these are
+# never confused with one.
+BOOTSTRAP_ACTOR = "(bootstrap)"  # the first start's admin token
+DATABASE_ACTOR = "(database)"  # `lora-reg db create-token`
+LEASE_EXPIRY_ACTOR = "(lease-expiry)"  # what expired merge-job leases cause
+EMBEDDED_WORKER_ACTOR = "(embedded-worker)"  # the server's in-process merge worker
+
 SECRET_PREFIX = "lrt_"
 SECRET_RE = re.compile(r"lrt_[A-Za-z0-9_-]{43}")
 

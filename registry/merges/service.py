@@ -56,6 +56,7 @@ from registry.core.jobs import (
 from registry.core.manifest import FileEntry, check_manifest, manifest_digest
 from registry.core.names import BaseModelId, parse_base, parse_reference
 from registry.core.schemas import FileSpec, Page, UploadPlan, VersionFileOut, make_page
+from registry.core.tokens import LEASE_EXPIRY_ACTOR
 from registry.models import (
     Adapter,
     AdapterVersion,
@@ -72,8 +73,6 @@ from registry.settings import Settings
 from registry.storage import ObjectStore
 
 EXPIRE_BATCH = 100
-# Audit actor of what expired leases cause: not a token name, so never confused with one.
-LEASE_EXPIRY = "(lease-expiry)"
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -333,8 +332,8 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
 def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> int:
     """Deal with running jobs whose lease ran out: requeue them while attempts remain, else
     fail them (`lease_expired`); a job whose cancel was asked for ends as cancelled. The audit
-    actor is LEASE_EXPIRY (not whoever's claim noticed it, which the details name)."""
-    actor = LEASE_EXPIRY
+    actor is LEASE_EXPIRY_ACTOR (not whoever's claim noticed it, which the details name)."""
+    actor = LEASE_EXPIRY_ACTOR
     statement = (
         select(MergeJob)
         .where(

@@ -14,14 +14,12 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from registry.core.errors import Conflict, NotFound
-from registry.core.schemas import Scope, TokenCreated, TokenOut
-from registry.core.tokens import new_secret, secret_sha256
+from registry.core.schemas import Scope, TokenCreated, TokenOut, check_token_name
+from registry.core.tokens import BOOTSTRAP_ACTOR, new_secret, secret_sha256
 from registry.models import ApiToken, AuditEvent, as_utc
 from registry.repository import for_update
 
 BOOTSTRAP_NAME = "admin"
-# Actors of rows no token caused: not valid token names, so never confused with one.
-BOOTSTRAP_ACTOR = "(bootstrap)"
 
 
 def token_out(row: ApiToken) -> TokenOut:
@@ -36,6 +34,7 @@ def token_out(row: ApiToken) -> TokenOut:
 
 
 def create_token(session: Session, name: str, scope: Scope, actor: str | None) -> TokenCreated:
+    check_token_name(name)
     if session.exec(select(ApiToken.id).where(ApiToken.name == name)).first() is not None:
         raise Conflict(
             f"a token named {name!r} exists or existed (names are never reused, so the audit "
@@ -108,8 +107,8 @@ def revoke_token(session: Session, name: str, actor: str | None) -> TokenOut:
 def bootstrap_admin(session: Session) -> TokenCreated | None:
     """On a database with no token at all, create the admin token; None when there are tokens.
 
-    Replicas starting together race on the unique name: the loser's insert fails and it returns
-    None (the caller commits and treats a conflict as 'someone else bootstrapped').
+    Replicas starting together race on the unique name: the loser's commit fails, which its
+    session scope raises as `Conflict` (the caller treats that as 'someone else bootstrapped').
     """
     if session.exec(select(sa.func.count()).select_from(ApiToken)).one():
         return None
