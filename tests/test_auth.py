@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlmodel import col, select
 
 from registry.app import create_app
 from registry.auth import route_rules
+from registry.core.jobs import MIN_LEASE_S
 from registry.db import make_engine, session_scope, upgrade
 from registry.models import ApiToken, AuditEvent
 from registry.settings import Settings
@@ -590,7 +592,7 @@ def test_a_job_answers_only_to_the_token_that_claimed_it(
         def call(token: str, path: str, body: dict[str, object]) -> httpx.Response:
             return httpx.post(f"{server.url}/api/v1/merges{path}", json=body, headers=bearer(token))
 
-        claimed = call(secrets["gpu-1"], "/claim", {"worker": "gpu-1"})
+        claimed = call(secrets["gpu-1"], "/claim", {"worker": "gpu-1", "lease_s": MIN_LEASE_S})
         assert claimed.status_code == 200, claimed.text
         job = claimed.json()["job"]["id"]
         # gpu-2 knows the worker name (any reader sees it) but not gpu-1's token.
@@ -600,8 +602,23 @@ def test_a_job_answers_only_to_the_token_that_claimed_it(
         failed = {"worker": "gpu-1", "status": "failed", "error": {"code": "x", "message": "x"}}
         assert call(secrets["gpu-2"], f"/{job}/finish", failed).status_code == 403
         assert call(secrets["gpu-1"], f"/{job}/heartbeat", beat).status_code == 200
+
+        # gpu-1's lease runs out and gpu-2 claims the job: gpu-1 is told to drop it (lease_lost,
+        # which workers handle), not refused as an impostor (which would stop its worker).
+        time.sleep(MIN_LEASE_S + 1)
+        again = call(secrets["gpu-2"], "/claim", {"worker": "gpu-2", "lease_s": MIN_LEASE_S})
+        assert again.status_code == 200 and again.json()["job"]["id"] == job
+        for path, body in ((f"/{job}/heartbeat", beat), (f"/{job}/finish", failed)):
+            late = call(secrets["gpu-1"], path, body)
+            assert late.status_code == 409 and late.json()["code"] == "lease_lost", late.text
+        beat_2 = {"worker": "gpu-2"}
+        assert call(secrets["gpu-2"], f"/{job}/heartbeat", beat_2).status_code == 200
         started = json.loads(server.cli("audit", "--action", "merge.started", "--json").stdout)
-        assert [e["actor"] for e in started["items"]] == ["gpu-1"]
+        assert [e["actor"] for e in started["items"]] == ["gpu-1", "gpu-2"]
+        requeued = json.loads(server.cli("audit", "--action", "merge.requeued", "--json").stdout)
+        assert [(e["actor"], e["details"]["noticed_by"]) for e in requeued["items"]] == [
+            ("(lease-expiry)", "gpu-2")
+        ]
 
 
 def test_who_moved_what_and_when_across_actors(

@@ -152,15 +152,16 @@ def _get_job(session: Session, job_id: str, *, lock: bool = False) -> MergeJob:
 
 
 def _check_holder(job: MergeJob, worker: str | None, token: str | None) -> None:
-    """The job must be running under `worker` (None: under any worker) and have been claimed
-    with `token` (the caller's token name); otherwise that worker must drop it."""
-    if job.claimed_by is not None and token != job.claimed_by:
-        raise NotPermitted(
-            f"merge job {job.id} was claimed with another token ({job.claimed_by!r}); only that "
-            "token may report on it",
-            job=job.id,
-        )
+    """The job must be running under `worker` (None: under any worker), else that worker must
+    drop it (lease_lost: its lease ran out and the job was requeued or claimed by another); and
+    it must have been claimed with `token` (the caller's token name), else not_permitted."""
     if job.status == "running" and worker in (None, job.worker):
+        if job.claimed_by is not None and token != job.claimed_by:
+            raise NotPermitted(
+                f"merge job {job.id} was claimed with another token ({job.claimed_by!r}); only "
+                "that token may report on it",
+                job=job.id,
+            )
         return
     if job.status == "running":
         why = f"worker {job.worker} holds it now"
