@@ -124,6 +124,29 @@ def test_copied_tensors_move_in_pieces_and_merged_ones_whole(
     assert len(engine._pieces(merged, 10 * KiB)) == 1
 
 
+@pytest.mark.parametrize(
+    ("rows", "width"),
+    [(2048, 5632), (2048, 2048), (5632, 2048), (130, 64), (64, 64), (3, 7), (0, 8)],
+)
+def test_row_blocks_cover_every_row_once_and_none_is_thin(rows: int, width: int) -> None:
+    """The 1.1B benchmark's down_proj (2048 x 5632) used to end in a 2-row block, which MKL
+    computes in another float32 order than PEFT's whole product (a last-bit difference)."""
+    blocks = engine._row_blocks(rows, width)
+    assert [r for a, b in blocks for r in range(a, b)] == list(range(rows))
+    sizes = [b - a for a, b in blocks]
+    assert all(size >= min(rows, engine.BLOCK_ROWS) for size in sizes)
+    assert all(size % engine.BLOCK_ROWS == 0 for size in sizes[:-1])
+    assert max(sizes, default=0) * width <= max(
+        engine.BLOCK_ELEMENTS, (2 * engine.BLOCK_ROWS - 1) * width
+    )
+
+
+def test_row_blocks_of_a_wide_weight_are_multiples_of_block_rows() -> None:
+    assert engine._row_blocks(2048, 5632) == [(s, min(s + 128, 2048)) for s in range(0, 2048, 128)]
+    # 130 rows in blocks of 64: the 2-row tail joins the block before it.
+    assert engine._row_blocks(130, engine.BLOCK_ELEMENTS // 64) == [(0, 64), (64, 130)]
+
+
 # --- whole merges -------------------------------------------------------------------------------
 
 
