@@ -7,6 +7,7 @@ check those against PEFT). Nothing here asserts a duration.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -145,6 +146,124 @@ def test_row_blocks_of_a_wide_weight_are_multiples_of_block_rows() -> None:
     assert engine._row_blocks(2048, 5632) == [(s, min(s + 128, 2048)) for s in range(0, 2048, 128)]
     # 130 rows in blocks of 64: the 2-row tail joins the block before it.
     assert engine._row_blocks(130, engine.BLOCK_ELEMENTS // 64) == [(0, 64), (64, 130)]
+
+
+# --- output files: O_DIRECT through a staging buffer ----------------------------------------
+
+
+def _staging(size: int) -> memoryview:
+    return memoryview(mmap.mmap(-1, size))  # page-aligned, as the pipeline's
+
+
+def _is_direct(handle: engine._ShardFile) -> bool:
+    """Whether the kernel has the file open with O_DIRECT (its open flags, octal in fdinfo)."""
+    flags = Path(f"/proc/self/fdinfo/{handle._fd}").read_text().split("flags:")[1].split()[0]
+    return bool(int(flags, 8) & getattr(os, "O_DIRECT", 0))
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 8192 + 17, 10 * 8192])
+def test_shard_files_hold_exactly_the_bytes_written_in_any_pieces(
+    tmp_path: Path, size: int
+) -> None:
+    """Pieces of every size around the block and staging sizes: the file is the bytes written,
+    not a byte more (the padding of the last block is cut off)."""
+    data = random.Random(size).randbytes(size)
+    handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
+    if not _is_direct(handle):
+        pytest.skip(f"{tmp_path} refuses O_DIRECT (the buffered path is the plain one)")
+    cuts = sorted(random.Random(size + 1).sample(range(size + 1), min(size + 1, 9)))
+    for start, stop in zip([0, *cuts], [*cuts, size], strict=True):
+        handle.write(memoryview(data)[start:stop])
+    handle.close()
+    assert handle.size == size
+    assert (tmp_path / "shard").read_bytes() == data
+
+
+def test_shard_files_fall_back_to_buffered_writes_where_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tmpfs, FUSE and network file systems refuse O_DIRECT with EINVAL, at open or at the first
+    write; the shard is then written with plain writes, whole."""
+    direct = getattr(os, "O_DIRECT", 0)
+    monkeypatch.setattr(os, "O_DIRECT", direct or 0o40000, raising=False)
+    real_open, real_write = os.open, os.write
+    refuse = {"open"}
+
+    def fake_open(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT and "open" in refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags & ~os.O_DIRECT if not direct else flags, mode)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
+        return fd
+
+    def fake_write(fd: int, data: memoryview) -> int:
+        if "write" in refuse and fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    direct_fds: set[int] = set()
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+    data = random.Random(0).randbytes(20_000)
+    for refused in ("open", "write"):
+        refuse.clear()
+        refuse.add(refused)
+        path = tmp_path / f"refused-at-{refused}"
+        handle = engine._ShardFile(path, _staging(8192))
+        handle.write(data[:15_000])  # the staging buffer fills: the first write is refused
+        handle.write(data[15_000:])
+        handle.close()
+        assert handle._staging is None, "it should have fallen back to buffered writes"
+        assert path.read_bytes() == data
+
+
+def test_a_refusal_after_bytes_were_written_is_an_error_not_a_silent_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
+    if handle._staging is None:
+        pytest.skip("O_DIRECT is not used here")
+    handle.write(bytes(8192))  # flushed
+    real_write = os.write
+
+    def refuse(fd: int, data: memoryview) -> int:
+        if fd == handle._fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse)
+    with pytest.raises(OSError, match="Invalid argument"):
+        handle.write(bytes(8192))
+    handle.close(complete=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
+def test_merges_written_directly_and_buffered_are_byte_identical(
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = base_dir("llama", max_shard_size="40KB")
+    adapter = adapter_dir("llama")
+    opened: list[bool] = []
+    real_init = engine._ShardFile.__init__
+
+    def record(self: engine._ShardFile, path: Path, staging: memoryview | None) -> None:
+        real_init(self, path, staging)
+        opened.append(_is_direct(self))
+
+    monkeypatch.setattr(engine._ShardFile, "__init__", record)
+    monkeypatch.setattr(engine, "DIRECT_STAGING", 8 * KiB)  # shards span many staging buffers
+    merge_to_folder(adapter, base, tmp_path / "direct")
+    if not all(opened):
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    monkeypatch.delattr(os, "O_DIRECT")
+    opened.clear()
+    merge_to_folder(adapter, base, tmp_path / "buffered")
+    assert opened and not any(opened)
+    assert folder_bytes(tmp_path / "direct") == folder_bytes(tmp_path / "buffered")
 
 
 # --- whole merges -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ config and model card depend on nothing but the inputs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -76,6 +77,10 @@ PIECE_BYTES = 16 << 20
 RING_FLOOR = 64 << 20
 # Pieces start at multiples of this in the ring (any dtype's alignment, a cache line).
 ALIGN = 64
+# O_DIRECT writes: memory, offsets and lengths in whole blocks of this (a page: any device's
+# logical block), gathered in a staging buffer of this size.
+DIRECT_ALIGN = 4096
+DIRECT_STAGING = 8 << 20
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -463,6 +468,86 @@ class _Ring:
             self._memory.close()
 
 
+class _ShardFile:
+    """An output shard written around the page cache (O_DIRECT) where the file system allows it.
+
+    Buffered writes of a whole checkpoint fill the page cache with pages nobody reads again
+    (evicting the base being read), and each page costs an allocation and a copy: on the 2-core
+    VM the benchmark runs on, plain write() calls of 2.2 GB took 3-8 s of CPU where O_DIRECT took
+    0.2 s and ran at the disk's speed. Direct writes need block-aligned memory, offsets and
+    lengths, so bytes are gathered in an aligned staging buffer (the pipeline's, reused for every
+    shard); the last block is padded with zeros and the file cut back to its size. Where O_DIRECT
+    is missing (macOS) or refused with EINVAL (tmpfs, some FUSE and network file systems), at
+    open or at the first write, the file is written with plain buffered writes instead.
+    """
+
+    def __init__(self, path: Path, staging: memoryview | None) -> None:
+        self.path = path
+        self.size = 0  # bytes written by the caller
+        self._staging = staging  # None: buffered writes
+        self._fill = 0  # bytes waiting in the staging buffer
+        self._flushed = 0  # bytes handed to the file
+        self._fd = -1
+        direct = getattr(os, "O_DIRECT", 0)
+        if staging is not None and direct:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+        if self._fd < 0:
+            self._buffered()
+
+    def _buffered(self) -> None:
+        """(Re)open the file for plain writes, empty."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._staging = None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while view and self._staging is not None:
+            count = min(len(view), len(self._staging) - self._fill)
+            self._staging[self._fill : self._fill + count] = view[:count]
+            self._fill += count
+            view = view[count:]
+            if self._fill == len(self._staging):
+                self._flush(self._fill)
+        if view:  # buffered: from the start, or since O_DIRECT was refused
+            self._write_all(view)
+
+    def _flush(self, length: int) -> None:
+        """Write the staging buffer's first `length` bytes (whole blocks)."""
+        staging = self._staging
+        assert staging is not None
+        try:
+            self._write_all(staging[:length])
+        except OSError as exc:
+            # Accepted at open, refused at the first write: the staging buffer still holds
+            # everything, so start the file again, buffered.
+            if exc.errno != errno.EINVAL or self._flushed:
+                raise
+            self._buffered()
+            self._write_all(staging[:length])
+        self._flushed += length
+        self._fill = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def close(self, complete: bool = True) -> None:
+        """Write what is left (padded to a whole block, then cut back) and close the file; an
+        incomplete one (the merge failed or was cancelled) is closed as it is."""
+        try:
+            if complete and self._staging is not None and self._fill:
+                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._staging[self._fill : padded] = bytes(padded - self._fill)
+                self._flush(padded)
+                os.ftruncate(self._fd, self.size)
+        finally:
+            os.close(self._fd)
+
+
 _DONE = object()
 
 
@@ -513,6 +598,9 @@ class _Pipeline:
         # reading, compute and writing overlap while peak memory follows the largest piece.
         largest = max((p.cost for pieces in self.pieces.values() for p in pieces), default=0)
         self.ring = _Ring(largest + max(largest // 2, RING_FLOOR))
+        # The writer's staging buffer for O_DIRECT (mapped: page-aligned), reused for every shard.
+        self._staging_map = mmap.mmap(-1, DIRECT_STAGING)
+        self.staging = memoryview(self._staging_map)
         self.to_compute: queue.Queue[Any] = queue.Queue()
         self.to_write: queue.Queue[Any] = queue.Queue()
         self.to_hash: queue.Queue[Any] = queue.Queue()
@@ -577,6 +665,9 @@ class _Pipeline:
         for error in self.errors:
             traceback.clear_frames(error.__traceback__)
         self.ring.close()
+        with contextlib.suppress(BufferError):
+            self.staging.release()
+            self._staging_map.close()
 
     def _guard(self, target: Callable[..., None], *args: Any) -> None:
         try:
@@ -619,7 +710,9 @@ class _Pipeline:
             self.to_hash.put(_DONE)
 
     def _write_shard(self, shard: str, pieces: list[_Piece]) -> bool:
-        with open(self.out / shard, "wb") as handle:
+        handle = _ShardFile(self.out / shard, self.staging)
+        complete = False
+        try:
             header = self._header(self.shards[shard])
             handle.write(header)
             self.to_hash.put(_Written(header, None))
@@ -632,8 +725,10 @@ class _Pipeline:
                 handle.write(data)
                 self.to_hash.put(_Written(data, piece))
                 self._report(piece)
-            size = handle.tell()
-        self.to_hash.put(_ShardWritten(shard, size))
+            complete = True
+        finally:
+            handle.close(complete)
+        self.to_hash.put(_ShardWritten(shard, handle.size))
         return True
 
     def _report(self, piece: _Piece) -> None:
