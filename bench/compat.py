@@ -63,9 +63,10 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench.common import fmt_ratio, machine_info, print_table
 
 # Only the standard library at module level: the reference child (`--reference`) imports this
 # module, and must start with nothing but torch, transformers and PEFT in its memory and its
@@ -521,13 +522,7 @@ def fmt_bytes(count: float | None) -> str:
     return f"{count:,.0f} B"
 
 
-def fmt_ratio(value: float) -> str:
-    return f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x"
-
-
 def print_report(report: dict[str, Any]) -> None:
-    from bench.transfer import print_table
-
     base, adapter, machine = report["base"], report["adapter"], report["machine"]
     steps, ratios, child = report["steps"], report["ratios"], report["reference_child_median"]
     index = " + index" if INDEX_JSON in base["files"] else ""
@@ -554,9 +549,9 @@ def print_report(report: dict[str, Any]) -> None:
                 fmt_bytes(steps[name]["bytes_read"]) if name != "hf_lazy" else "(mmap)",
                 f"{steps[name]['median_s']:.3f}",
                 f"{steps[name]['best_s']:.3f}",
-                fmt_ratio(ratio["time"]) if ratio else "",
-                fmt_ratio(ratio["time_vs_s3_download_and_load"]) if ratio else "",
-                fmt_ratio(ratio["bytes"]) if ratio else "",
+                fmt_ratio(ratio["time"], 1) if ratio else "",
+                fmt_ratio(ratio["time_vs_s3_download_and_load"], 1) if ratio else "",
+                fmt_ratio(ratio["bytes"], 1) if ratio else "",
             ]
         )
     head = ["step", "bytes read", "median s", "best s", "vs load", "vs download+load", "bytes"]
@@ -582,16 +577,11 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    from bench.transfer import machine_info
+    from bench.transfer import seaweedfs_version
 
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    packages = ("torch", "transformers", "peft", "safetensors")
-    return machine_info() | {package: version(package) for package in packages}
+    return machine_info(("torch", "transformers", "peft", "safetensors")) | {
+        "seaweedfs": seaweedfs_version()
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -44,7 +44,6 @@ git-ignored) unless `--json` says otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -63,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 # Only the standard library (and bench.compat, which keeps to it too) at module level: the child
 # processes run this module and must start with nothing but what their step imports.
+from bench.common import fmt_ratio, machine_info, print_table
 from bench.compat import (
     INDEX_JSON,
     RANK,
@@ -606,26 +606,6 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"steps": steps, "targets": targets, "other_ratios": other}
 
 
-def fmt_ratio(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}x" if value >= 100 else f"{value:.2f}x"
-
-
-def print_table(head: list[str], rows: list[list[str]]) -> None:
-    """Columns padded to their widest cell; the first left-aligned, the rest right-aligned.
-
-    (Not bench.transfer's: that module imports the registry client and the test fixtures at
-    import time, and this benchmark's default path needs only torch, transformers, PEFT and the
-    engine, so that it also runs on a GPU machine that holds nothing else.)
-    """
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
-        cells[0] = row[0].ljust(widths[0])
-        print("  ".join(cells).rstrip())
-
-
 def print_report(report: dict[str, Any]) -> None:
     steps, targets, base, machine = (
         report["steps"],
@@ -643,7 +623,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
         f"{machine['memory_gib']} GiB RAM, Python {machine['python']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, peft {machine['peft']}"
+        f"transformers {machine['transformers']}, peft {machine['peft']}; a fresh page of "
+        f"memory costs {machine['fresh_page_ns']:,} ns"
     )
     print()
     rows = []
@@ -736,25 +717,7 @@ def engine_source() -> dict[str, Any]:
 
 
 def machine(device: str) -> dict[str, Any]:
-    import platform
-    from importlib import metadata
-
-    cpu = None
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    for package in ("torch", "transformers", "peft", "safetensors"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
-    info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+    info = machine_info(("torch", "transformers", "peft", "safetensors"))
     if device.startswith("cuda"):
         import torch
 

@@ -39,7 +39,6 @@ import contextlib
 import inspect
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -52,12 +51,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.common import machine_info, print_table
 from cli.client import Registry
 from registry.settings import Settings
 from tests.conftest import server_environment, start_server, stop_server
@@ -390,31 +389,11 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
     return {"steps": steps, "ratios": ratios}
 
 
-def machine_info() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cpu = None
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None
-        )
-    weed = None
+def seaweedfs_version() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
         out = subprocess.run(["weed", "version"], capture_output=True, text=True, timeout=10)
-        weed = out.stdout.strip().splitlines()[0]
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **{package: version(package) for package in ("boto3", "botocore", "httpx")},
-        "seaweedfs": weed,
-    }
+        return out.stdout.strip().splitlines()[0]
+    return None
 
 
 def fmt_bytes(count: float) -> str:
@@ -423,16 +402,6 @@ def fmt_bytes(count: float) -> str:
 
 def fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def print_table(head: list[str], rows: list[list[str]], right: set[int]) -> None:
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    for row in [head, *rows]:
-        cells = [
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -541,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {
             "benchmark": "transfer",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_info(),
+            "machine": machine_info(("boto3", "botocore", "httpx"))
+            | {"seaweedfs": seaweedfs_version()},
             "size_mib": args.size_mib,
             "repeat": args.repeat,
             "statistic": "median over rounds (best_s and every sample are kept too)",
