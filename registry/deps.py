@@ -12,12 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlmodel import Session
 
 from registry.db import read_only, session_scope
 from registry.settings import Settings
 from registry.storage import ObjectStore
+
+# The paging query parameters of every list route.
+MAX_PAGE = 500
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -5,6 +5,7 @@ Services call these inside the request's transaction; nothing here commits.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,6 +35,19 @@ def for_update(session: Session, statement: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return statement.with_for_update()
     return statement
+
+
+def skip_locked(session: Session, statement: Any) -> Any:
+    """Lock the selected rows, skipping rows another transaction holds (PostgreSQL); SQLite's
+    write transaction already holds the whole database."""
+    if session.get_bind().dialect.name == "postgresql":
+        return statement.with_for_update(skip_locked=True)
+    return statement
+
+
+def db_time(session: Session, at: datetime) -> datetime:
+    """A timestamp to compare with stored ones: SQLite keeps them naive (in UTC)."""
+    return at if session.get_bind().dialect.name == "postgresql" else at.replace(tzinfo=None)
 
 
 def for_share(session: Session, statement: Any) -> Any:

@@ -21,12 +21,9 @@ from registry.core.schemas import (
     VersionOut,
     parse_pairs,
 )
-from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
-
-Limit = Annotated[int, Query(ge=1, le=service.MAX_PAGE)]
-Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 def _name(namespace: str, name: str) -> AdapterName:

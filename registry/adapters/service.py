@@ -74,9 +74,6 @@ from registry.repository import count, for_update, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
-MAX_PAGE = 500
-
-
 # --- push: commit ------------------------------------------------------------------------------
 
 

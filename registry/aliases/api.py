@@ -7,9 +7,8 @@ Under /api/v1/adapters/{ns}/{name}/aliases and /history, plus /api/v1/aliases/{a
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from registry.adapters import service as adapters
 from registry.aliases import service
@@ -27,12 +26,10 @@ from registry.core.schemas import (
     VersionOut,
     YankRequest,
 )
-from registry.deps import ReadSessionDep, SessionDep, SettingsDep
+from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep
 
 router = APIRouter(prefix="/api/v1", tags=["aliases"])
-Limit = Annotated[int, Query(ge=1, le=500)]
 MAX_IDENTIFY_FILES = 10_000
-Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 def _name(namespace: str, name: str) -> AdapterName:

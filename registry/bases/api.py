@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from registry.auth import READ, WRITE, WriteAccess
 from registry.bases import service
 from registry.core.names import parse_base
 from registry.core.schemas import BaseOut, BaseRegisterRequest, Page, UploadPlan, UploadPlanRequest
-from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/api/v1/bases", tags=["bases"])
-
-MAX_PAGE = 500
 
 
 @router.get("", response_model=Page[BaseOut], dependencies=[READ])
 def list_bases(
     session: ReadSessionDep,
     id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> Page[BaseOut]:
     """Registered base models (without their tensor signatures), optionally of one id."""
     return service.list_bases(

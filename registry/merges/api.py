@@ -7,9 +7,7 @@ Users request, list, show and cancel jobs; workers claim them (`/claim`), renew 
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Response, status
 
 from registry.auth import READ, WorkerAccess, WriteAccess, check_merge_target
 from registry.core.jobs import (
@@ -23,13 +21,10 @@ from registry.core.jobs import (
     MergeRequest,
 )
 from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
-from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.merges import service
 
 router = APIRouter(prefix="/api/v1/merges", tags=["merges"])
-
-Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0, le=2**62)]  # SQLite integers are 64-bit
 
 
 @router.post(

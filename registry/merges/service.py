@@ -68,7 +68,7 @@ from registry.models import (
     as_utc,
     utcnow,
 )
-from registry.repository import count, for_update, insert_ignore
+from registry.repository import count, db_time, for_update, insert_ignore, skip_locked
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
@@ -76,23 +76,6 @@ EXPIRE_BATCH = 100
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def _db_time(session: Session, at: datetime) -> datetime:
-    """SQLite keeps timestamps naive (in UTC): compare like with like."""
-    return at.replace(tzinfo=None) if not _is_postgres(session) else at
-
-
-def _skip_locked(session: Session, statement: Any) -> Any:
-    """Lock the selected rows, skipping rows another transaction holds (PostgreSQL); SQLite's
-    write transaction already holds the whole database."""
-    if _is_postgres(session):
-        return statement.with_for_update(skip_locked=True)
-    return statement
 
 
 def _base_label(base_id: str, revision: str) -> str:
@@ -339,12 +322,12 @@ def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> in
         select(MergeJob)
         .where(
             MergeJob.status == "running",
-            col(MergeJob.lease_expires_at) < _db_time(session, now),
+            col(MergeJob.lease_expires_at) < db_time(session, now),
         )
         .order_by(col(MergeJob.id))
         .limit(EXPIRE_BATCH)
     )
-    rows = session.exec(_skip_locked(session, statement)).all()
+    rows = session.exec(skip_locked(session, statement)).all()
     for job in rows:
         worker = job.worker
         if job.cancel_requested:
@@ -407,7 +390,7 @@ def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim |
         .order_by(col(MergeJob.created_at), col(MergeJob.id))
         .limit(1)
     )
-    job = session.exec(_skip_locked(session, statement)).first()
+    job = session.exec(skip_locked(session, statement)).first()
     if job is None:
         return None
     job.status = "running"
