@@ -30,6 +30,12 @@ from worker.plan import TensorPlan
 KiB = 1 << 10
 
 
+@pytest.fixture
+def sharded(adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]) -> tuple[Path, Path]:
+    """(adapter, base): a tiny Llama base in several shards and an adapter for it."""
+    return adapter_dir("llama"), base_dir("llama", max_shard_size="40KB")
+
+
 STAGES = {"merge-reader", "merge-writer", "merge-hasher", "merge-syncer"}
 
 
@@ -240,13 +246,11 @@ def test_a_refusal_after_bytes_were_written_is_an_error_not_a_silent_restart(
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
 def test_merges_written_directly_and_buffered_are_byte_identical(
-    adapter_dir: Callable[..., Path],
-    base_dir: Callable[..., Path],
+    sharded: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+    adapter, base = sharded
     opened: list[bool] = []
     real_init = engine._ShardFile.__init__
 
@@ -271,15 +275,13 @@ def test_merges_written_directly_and_buffered_are_byte_identical(
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])  # the test base is float32
 def test_small_pieces_and_a_small_ring_give_the_same_bytes(
-    adapter_dir: Callable[..., Path],
-    base_dir: Callable[..., Path],
+    sharded: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     dtype: str | None,
 ) -> None:
     """Many pieces per tensor and a ring that wraps all the time: the output does not change."""
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+    adapter, base = sharded
     options = MergeOptions(dtype=dtype)
     merge_to_folder(adapter, base, tmp_path / "default", options=options)
     monkeypatch.setattr(engine, "PIECE_BYTES", 1 * KiB)
@@ -296,13 +298,11 @@ def test_small_pieces_and_a_small_ring_give_the_same_bytes(
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
 def test_on_file_sees_only_hashed_and_fsynced_files(
-    adapter_dir: Callable[..., Path],
-    base_dir: Callable[..., Path],
+    sharded: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+    adapter, base = sharded
     out = tmp_path / "merged"
     synced: set[Path] = set()
     real_fsync = os.fsync
@@ -326,10 +326,9 @@ def test_on_file_sees_only_hashed_and_fsynced_files(
 
 
 def test_a_failing_publish_stops_every_stage_and_leaves_nothing(
-    adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
+    sharded: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+    adapter, base = sharded
 
     def on_file(entry: FileEntry) -> None:
         raise OSError("upload refused")
@@ -340,11 +339,8 @@ def test_a_failing_publish_stops_every_stage_and_leaves_nothing(
     assert not list(tmp_path.iterdir())
 
 
-def test_a_cancel_stops_every_stage(
-    adapter_dir: Callable[..., Path], base_dir: Callable[..., Path], tmp_path: Path
-) -> None:
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+def test_a_cancel_stops_every_stage(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    adapter, base = sharded
     asked: list[bool] = []
 
     def cancelled() -> bool:
@@ -433,14 +429,12 @@ def _fail_computing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("fault", [_fail_reading, _fail_hashing, _fail_fsync, _fail_computing])
 def test_a_failing_stage_stops_every_stage_unmaps_the_ring_and_leaves_nothing(
-    adapter_dir: Callable[..., Path],
-    base_dir: Callable[..., Path],
+    sharded: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     fault: Callable[[pytest.MonkeyPatch], None],
 ) -> None:
-    base = base_dir("llama", max_shard_size="40KB")
-    adapter = adapter_dir("llama")
+    adapter, base = sharded
     rings: list[engine._Ring] = []
     real_ring = engine._Ring
 
