@@ -25,7 +25,7 @@ from registry.core.manifest import FileEntry
 from tests.support.merging import folder_bytes
 from worker import engine
 from worker.engine import MergeCancelled, MergeOptions, merge, merge_to_folder
-from worker.plan import TensorPlan
+from worker.plan import LoraDelta, TensorPlan
 
 KiB = 1 << 10
 
@@ -110,7 +110,7 @@ def test_regions_in_use_are_never_handed_out_again() -> None:
     assert ring.used == 0
 
 
-def test_copied_tensors_move_in_pieces_and_merged_ones_whole(
+def test_copied_tensors_move_in_pieces_of_elements_and_merged_ones_in_runs_of_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(engine, "PIECE_BYTES", 4 * KiB)
@@ -127,8 +127,30 @@ def test_copied_tensors_move_in_pieces_and_merged_ones_whole(
     assert sum(p.nbytes for p in pieces) == 20 * KiB and pieces[-1].last
     empty = TensorPlan("e", "s", "BF16", [0], "e", source_dtype="BF16")
     assert [(p.source_bytes, p.last) for p in engine._pieces(empty, 0)] == [(0, True)]
-    merged = TensorPlan("m", "s", "BF16", [5, 1024], "m", source_dtype="BF16", replace="x")
-    assert len(engine._pieces(merged, 10 * KiB)) == 1
+
+    # Merged: runs of whole rows, multiples of BLOCK_ROWS (64), the 44-row tail joined on.
+    lora = LoraDelta("a", "b", 2.0, "linear")
+    row = 1024 * 2
+    merged = TensorPlan("m", "s", "BF16", [300, 1024], "m", source_dtype="BF16", lora=lora)
+    pieces = engine._pieces(merged, 300 * row)
+    assert [p.rows for p in pieces] == [(0, 64), (64, 128), (128, 192), (192, 300)]
+    assert [(p.offset, p.source_bytes, p.nbytes) for p in pieces][-1] == (
+        192 * row,
+        108 * row,
+        108 * row,
+    )
+    assert [p.last for p in pieces] == [False, False, False, True]
+    # The adapter's tensor replaces the base's: nothing is read (its shape may differ).
+    saved = TensorPlan("r", "s", "BF16", [300, 1024], "r", source_dtype="BF16", replace="x")
+    assert {p.source_bytes for p in engine._pieces(saved, 256 * row)} == {0}
+    # Whole: DoRA across rows (Conv1D, embedding), vectors, short tensors.
+    dora = LoraDelta("a", "b", 2.0, "embedding", magnitude="m")
+    across = TensorPlan("e", "s", "BF16", [300, 1024], "e", source_dtype="BF16", lora=dora)
+    bias = TensorPlan("v", "s", "BF16", [30000], "v", source_dtype="BF16", bias=("k", 1.0))
+    short = TensorPlan("q", "s", "BF16", [100, 1024], "q", source_dtype="BF16", lora=lora)
+    for plan in (across, bias, short):
+        (piece,) = engine._pieces(plan, plan.nbytes)
+        assert piece.rows == (0, plan.shape[0]) and piece.nbytes == plan.nbytes
 
 
 @pytest.mark.parametrize(

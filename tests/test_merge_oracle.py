@@ -52,6 +52,7 @@ from tests.support.merge_oracle import (  # noqa: E402
     train_adapter,
     ulp_distance,
 )
+from tests.support.merging import folder_bytes  # noqa: E402
 from worker import engine  # noqa: E402
 from worker.engine import MergeOptions, MergeResult, merge  # noqa: E402
 
@@ -490,32 +491,97 @@ def test_float32_output_of_a_bf16_base_is_the_unrounded_sum(
     assert any(not torch.equal(o.ours[k], rounded[k].float()) for k in deltas)
 
 
-# Weights tall enough to be merged in several row blocks once blocks are small: gate/up_proj have
-# 194 rows (3 blocks of 64 and 2 rows left), the embedding 258 (4 and 2), down_proj is 194 wide.
-BLOCKED = Case(
-    "llama",
-    {"target_modules": ["embed_tokens", "q_proj", "gate_proj", "down_proj"]},
-    dtype=None,  # float32: a last-bit difference in B·A shows in the output, bf16 would hide most
-    config={"intermediate_size": 194, "vocab_size": 258},
-)
+# Weights tall enough to be merged in several row blocks and pieces once those are small:
+# gate/up_proj have 194 rows (3 runs of 64 and 2 rows left), the embedding 258 (4 and 2),
+# down_proj is 194 wide. float32: a last-bit difference in B·A shows in the output (bf16 would
+# hide most).
+BLOCKED = {
+    "llama-blocked": Case(
+        "llama",
+        {"target_modules": ["embed_tokens", "q_proj", "gate_proj", "down_proj"]},
+        dtype=None,
+        config={"intermediate_size": 194, "vocab_size": 258},
+    ),
+    "llama-blocked-dora": Case(
+        "llama",
+        {"target_modules": ["q_proj", "gate_proj", "down_proj"], "use_dora": True},
+        dtype=None,
+        config={"intermediate_size": 194},
+    ),
+    # token rows in every piece of the embedding, the last row included
+    "llama-blocked-tokens": Case(
+        "llama",
+        {"trainable_token_indices": [1, 70, 130, 200, 257]},
+        dtype=None,
+        config={"vocab_size": 258},
+    ),
+}
 
 
-def test_merging_in_row_blocks_stays_bitwise_peft(
+@pytest.mark.parametrize("name", list(BLOCKED))
+def test_merging_in_row_blocks_and_pieces_stays_bitwise_peft(
+    name: str,
     case_base: Callable[[Case], Path],
     case_adapter: Callable[[Case], Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Large weights are merged in row blocks (`_row_blocks`); the tests' tiny weights fit in one
-    unless blocks are made small. A thin block (the 2 rows left over) is computed by MKL in
-    another float32 order than PEFT's product over the whole weight: the engine must not make
-    one (it once did, and the 1.1B benchmark's output differed from PEFT's in 2 tensors)."""
+    """Large weights are merged in pieces of whole rows, each computed in row blocks
+    (`_merged_pieces`, `_row_blocks`); the tests' tiny weights fit in one unless both are made
+    small. A thin block (the 2 rows left over) is computed by MKL in another float32 order than
+    PEFT's product over the whole weight: the engine must not make one (it once did, and the 1.1B
+    benchmark's output differed from PEFT's in 2 tensors)."""
+    case = BLOCKED[name]
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 64 * 64)
-    base, adapter = case_base(BLOCKED), case_adapter(BLOCKED)
+    monkeypatch.setattr(engine, "PIECE_BYTES", 64 * 64 * 4)
+    base, adapter = case_base(case), case_adapter(case)
     assert len(engine._row_blocks(194, 64)) > 1 and len(engine._row_blocks(258, 64)) > 1
     merge(adapter, base, tmp_path / "out", options=CPU)
     reference = _peft_reference(peft_merged(base, adapter), set(read_folder(base)))
     assert mismatches(read_folder(tmp_path / "out"), reference) == []
+
+
+# Cases with merged weights of 128 rows or more: Linear (gate/up_proj), Conv1D (GPT-2's
+# mlp.c_proj), embedding LoRA, a saved head, trainable tokens, a resized vocabulary.
+SPLIT_CASES = {
+    "mistral-fp16-all-linear",
+    "gpt2-conv1d",
+    "llama-embedding-lora",
+    "qwen2-bias-lora-only+modules-to-save-lm-head",
+    "llama-trainable-tokens",
+    "llama-resized-vocab-embedding-lora",
+}
+
+
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_merged_tensors_moving_in_small_pieces_give_the_same_bytes(
+    name: str, outcome: Callable[[str], Outcome], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every case again with pieces of BLOCK_ROWS rows: tall weights (gate/up_proj, embeddings,
+    heads, GPT-2's mlp.c_proj) move in several pieces, with their LoRA, DoRA, saved tensors,
+    token rows and resized vocabularies split along; the files are byte for byte the default
+    merge's (which the tests above hold to PEFT)."""
+    o = outcome(name)
+    monkeypatch.setattr(engine, "PIECE_BYTES", 1024)  # merged weights: runs of BLOCK_ROWS rows
+    tall: set[str] = set()  # merged weights of two pieces' rows or more
+    split: set[str] = set()
+    real = engine._merged_pieces
+
+    def spy(plan: Any, source_bytes: int) -> list[Any]:
+        pieces = real(plan, source_bytes)
+        dora_across_rows = plan.lora and plan.lora.magnitude and plan.lora.kind != "linear"
+        if len(plan.shape) == 2 and plan.shape[0] >= 2 * engine.BLOCK_ROWS and not dora_across_rows:
+            tall.add(plan.key)
+        if len(pieces) > 1:
+            split.add(plan.key)
+        return pieces
+
+    monkeypatch.setattr(engine, "_merged_pieces", spy)
+    merge(o.adapter, o.base, tmp_path / "out", options=o.case.options)
+    assert split == tall
+    if name in SPLIT_CASES:
+        assert split, "this case has tall merged weights: they should move in pieces"
+    assert folder_bytes(tmp_path / "out") == folder_bytes(o.out)
 
 
 # --- shards ------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ and dtypes are known from the plan) and then streams tensor data through five th
     ranged reads           float32 row blocks                   write()      sha256      fsync,
     into the ring          on the device                                                publish
 
-Tensors that are only copied or cast move in pieces of at most 16 MiB; merged tensors move whole
-and are computed in row blocks, written back into their input buffer. Pieces live in a ring of
-reused memory (the largest piece plus half as much again, at least 64 MiB more) that bounds what is
-in flight: peak memory depends on the largest merged tensor, not on the model. A shard is
-published once it is written, hashed and fsynced, while the next one is being written.
+Tensors move in pieces of at most about 16 MiB: runs of elements of those that are only copied or
+cast, runs of whole rows of merged ones (computed in row blocks, written back into their input
+buffer; DoRA on Conv1D and embedding weights, which normalises across rows, moves whole). Pieces
+live in a ring of reused memory (the largest piece plus half as much again, at least 64 MiB more)
+that bounds what is in flight: peak memory depends on the piece size, not on the model or its
+largest tensor. Shards are written with O_DIRECT (see `_ShardFile`); a shard is published once it
+is written, hashed and fsynced, while the next one is being written.
 
 The math is PEFT's `merge_and_unload` (PEFT_FORMAT.md §3), in the same float32 order, so CPU
 output is bit-identical to PEFT's. Same inputs give byte-identical files: the headers, metadata,
@@ -333,16 +335,30 @@ class _AdapterWeights:
     def __init__(self, folder: Path, header: SafetensorsHeader) -> None:
         self.files = FolderSource(folder)
         self.header = header
+        # The last whole tensor read: a merged tensor moving in pieces asks for the same A (or B)
+        # once per piece. Callers never modify what they get.
+        self._last: tuple[str, torch.Tensor] | None = None
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its rows [start, stop) (a contiguous stretch of the file)."""
         info = self.header.tensors[key]
         dtype = ADAPTER_DTYPES.get(info.dtype)
         if dtype is None:
             raise InvalidInput(f"{WEIGHTS_FILE}: {key} is {info.dtype}, which merges do not read")
+        shape = list(info.shape)
+        if rows is not None and shape and rows != (0, shape[0]):
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            buffer = bytearray((rows[1] - rows[0]) * row_bytes)
+            start = self.header.data_start + info.begin + rows[0] * row_bytes
+            self.files.read_into(WEIGHTS_FILE, start, memoryview(buffer))
+            return _view(buffer, dtype, [rows[1] - rows[0], *shape[1:]])
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         buffer = bytearray(info.nbytes)
-        start = self.header.data_start + info.begin
-        self.files.read_into(WEIGHTS_FILE, start, memoryview(buffer))
-        return _view(buffer, dtype, list(info.shape))
+        self.files.read_into(WEIGHTS_FILE, self.header.data_start + info.begin, memoryview(buffer))
+        tensor = _view(buffer, dtype, shape)
+        self._last = (key, tensor)
+        return tensor
 
 
 def folder_entries(folder: Path) -> list[FileEntry]:
@@ -361,14 +377,16 @@ def folder_entries(folder: Path) -> list[FileEntry]:
 
 @dataclass(frozen=True)
 class _Piece:
-    """A stretch of one output tensor on its way through the pipeline: the whole tensor when it
-    is merged, at most PIECE_BYTES when its bytes are only copied or cast."""
+    """A stretch of one output tensor on its way through the pipeline, of about PIECE_BYTES at
+    most: a run of elements of a tensor that is only copied or cast, a run of whole rows of a
+    merged one (or all of it, see `_merged_pieces`)."""
 
     plan: TensorPlan
     offset: int  # where its input starts within the source tensor, in bytes
     source_bytes: int  # input bytes read from the base (0: nothing to read)
     nbytes: int  # output bytes
     last: bool  # the tensor's last piece
+    rows: tuple[int, int] | None = None  # merged tensors: the rows [start, stop) it holds
 
     @property
     def cost(self) -> int:
@@ -377,10 +395,10 @@ class _Piece:
 
 
 def _pieces(plan: TensorPlan, source_bytes: int) -> list[_Piece]:
-    """How a tensor moves: merged tensors whole (the math needs every row of the weight at hand),
-    copied or cast tensors in pieces of the same elements in and out."""
+    """How a tensor moves: copied or cast tensors in pieces of the same elements in and out,
+    merged tensors as `_merged_pieces` says."""
     if plan.changed:
-        return [_Piece(plan, 0, source_bytes, plan.nbytes, last=True)]
+        return _merged_pieces(plan, source_bytes)
     assert plan.source_dtype is not None
     if plan.dtype == plan.source_dtype:
         in_size = out_size = 1  # copied as bytes, whatever the dtype
@@ -395,6 +413,32 @@ def _pieces(plan: TensorPlan, source_bytes: int) -> list[_Piece]:
         last = first + step >= elements
         pieces.append(_Piece(plan, first * in_size, count * in_size, count * out_size, last))
     return pieces
+
+
+def _merged_pieces(plan: TensorPlan, source_bytes: int) -> list[_Piece]:
+    """A merged tensor in runs of whole rows. Each row of W' depends only on its row of W and
+    of B (Linear) or its column of A (Conv1D, embedding), and of the DoRA magnitude, bias and
+    token deltas, so a large weight (an embedding with LoRA, a modules_to_save head) never sits
+    in memory whole. Runs are whole multiples of BLOCK_ROWS rows, like the blocks computed inside
+    them, so that every product agrees with PEFT's (see BLOCK_ROWS). DoRA on Conv1D and embedding
+    weights normalises across rows: those move whole, as do vectors (biases).
+
+    A tensor the adapter replaces starts from the adapter's value: nothing is read from the base
+    (whose shape may differ: a resized vocabulary).
+    """
+    if plan.replace:
+        source_bytes = 0
+    rows = plan.shape[0] if plan.shape else 0
+    lora = plan.lora
+    across_rows = lora is not None and lora.magnitude is not None and lora.kind != "linear"
+    if len(plan.shape) < 2 or rows == 0 or across_rows:
+        return [_Piece(plan, 0, source_bytes, plan.nbytes, last=True, rows=(0, rows))]
+    row_in, row_out = source_bytes // rows, plan.nbytes // rows
+    runs = _split_rows(rows, PIECE_BYTES // max(row_in, row_out, 1))
+    return [
+        _Piece(plan, a * row_in, (b - a) * row_in, (b - a) * row_out, b == rows, rows=(a, b))
+        for a, b in runs
+    ]
 
 
 class _Ring:
@@ -793,32 +837,40 @@ class _Pipeline:
             if plan.dtype == plan.source_dtype:
                 return buffer
             return _cast(buffer, piece)
+        assert piece.rows is not None
+        first, stop = piece.rows
+        shape = [stop - first, *plan.shape[1:]]
         model_dtype = TORCH_DTYPES[plan.source_dtype or plan.dtype]
         out_dtype = TORCH_DTYPES[plan.dtype]
         if plan.replace:
-            weight = self._adapter(plan.replace).to(model_dtype).reshape(plan.shape).contiguous()
+            saved = self.weights.get_tensor(plan.replace, rows=piece.rows)
+            weight = saved.to(model_dtype).reshape(shape).contiguous()
         else:
             assert buffer is not None
-            weight = _view(buffer, model_dtype, plan.shape)
+            weight = _view(buffer, model_dtype, shape)
         # Results land in a buffer of the output dtype: the input buffer itself when it fits.
         result: memoryview | bytearray
         if buffer is not None and model_dtype == out_dtype and not plan.replace:
             result, target = buffer, weight
         else:
-            result = bytearray(plan.nbytes)
-            target = _view(result, out_dtype, plan.shape)
+            result = bytearray(piece.nbytes)
+            target = _view(result, out_dtype, shape)
             if not plan.lora:
                 target.copy_(weight)
         if plan.lora:
-            self._apply_lora(plan, weight, target)
+            self._apply_lora(plan, weight, target, first)
         if plan.bias:
             key, scale = plan.bias
-            merged = target.float() + self._adapter(key).float() * scale
-            target.copy_(merged)
+            bias = self.weights.get_tensor(key, rows=piece.rows)
+            target.copy_(target.float() + bias.float() * scale)
         if plan.tokens:
             key, indices = plan.tokens
-            index = torch.tensor(indices, dtype=torch.long)
-            target.copy_(target.index_copy(0, index, self._adapter(key).to(target.dtype)))
+            # The trained rows that fall in this piece, in the order the adapter lists them.
+            inside = [(row - first, i) for i, row in enumerate(indices) if first <= row < stop]
+            if inside:
+                index = torch.tensor([row for row, _ in inside], dtype=torch.long)
+                rows = self._adapter(key)[[i for _, i in inside]].to(target.dtype)
+                target.copy_(target.index_copy(0, index, rows))
         if plan.replace or plan.bias or plan.tokens or (plan.lora and plan.lora.magnitude):
             _check_finite(target, plan.key)  # LoRA blocks were checked as they were computed
         return result
@@ -827,16 +879,28 @@ class _Pipeline:
         tensor: torch.Tensor = self.weights.get_tensor(key)
         return tensor
 
-    def _apply_lora(self, plan: TensorPlan, weight: torch.Tensor, target: torch.Tensor) -> None:
+    def _apply_lora(
+        self, plan: TensorPlan, weight: torch.Tensor, target: torch.Tensor, first: int
+    ) -> None:
+        """ΔW added to `weight` (rows first.. of the tensor) into `target`, block by block."""
         lora = plan.lora
         assert lora is not None
         dev = self.device
-        a = self._adapter(lora.a).to(dev, torch.float32)
-        b = self._adapter(lora.b).to(dev, torch.float32)
-        if lora.magnitude and lora.kind != "linear":
+        span = (first, first + weight.shape[0])
+        if lora.magnitude and lora.kind != "linear":  # moves whole (see _merged_pieces)
+            a = self._adapter(lora.a).to(dev, torch.float32)
+            b = self._adapter(lora.b).to(dev, torch.float32)
             target.copy_(self._dora_transposed(weight, a, b, lora.scale, lora.magnitude, lora.kind))
             return
-        magnitude = self._adapter(lora.magnitude).to(dev, torch.float32) if lora.magnitude else None
+        if lora.kind == "linear":  # this piece's rows of B·A: its rows of B
+            a = self._adapter(lora.a).to(dev, torch.float32)
+            b = self.weights.get_tensor(lora.b, rows=span).to(dev, torch.float32)
+        else:  # conv1d and embedding: the weight's rows are columns of B·A, so columns of A
+            a = self._adapter(lora.a)[:, span[0] : span[1]].to(dev, torch.float32)
+            b = self._adapter(lora.b).to(dev, torch.float32)
+        magnitude = None
+        if lora.magnitude:
+            magnitude = self.weights.get_tensor(lora.magnitude, rows=span).to(dev, torch.float32)
         # A power-of-two scale is exact whichever factor it multiplies: fold it into B (small)
         # instead of a pass over every block. Otherwise scale each block as PEFT does.
         folded = lora.kind != "embedding" and math.frexp(lora.scale)[0] == 0.5
@@ -904,10 +968,15 @@ class _Pipeline:
 
 
 def _row_blocks(rows: int, width: int) -> list[tuple[int, int]]:
-    """(start, stop) of the row blocks a merged tensor is computed in: about BLOCK_ELEMENTS each,
-    whole multiples of BLOCK_ROWS rows, with a tail thinner than BLOCK_ROWS joined to the block
-    before it (see BLOCK_ROWS: PEFT's float32 results depend on it)."""
-    step = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(1, width) // BLOCK_ROWS * BLOCK_ROWS)
+    """(start, stop) of the row blocks a merged piece is computed in: about BLOCK_ELEMENTS each."""
+    return _split_rows(rows, BLOCK_ELEMENTS // max(1, width))
+
+
+def _split_rows(rows: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of `step` rows rounded down to a whole multiple of BLOCK_ROWS (at least
+    BLOCK_ROWS), a tail thinner than BLOCK_ROWS joined to the run before it (see BLOCK_ROWS:
+    PEFT's float32 results depend on it)."""
+    step = max(BLOCK_ROWS, step // BLOCK_ROWS * BLOCK_ROWS)
     starts = list(range(0, rows, step))
     if len(starts) > 1 and rows - starts[-1] < BLOCK_ROWS:
         starts.pop()
