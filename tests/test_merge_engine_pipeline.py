@@ -204,6 +204,8 @@ def test_shard_files_hold_exactly_the_bytes_written_in_any_pieces(
     for start, stop in zip([0, *cuts], [*cuts, size], strict=True):
         handle.write(memoryview(data)[start:stop])
     handle.close()
+    # Still direct: a misaligned write would have been refused and gone buffered unnoticed.
+    assert handle._staging is not None, "O_DIRECT was given up on the way"
     assert handle.size == size
     assert (tmp_path / "shard").read_bytes() == data
 
@@ -266,6 +268,36 @@ def test_a_refusal_after_bytes_were_written_is_an_error_not_a_silent_restart(
     handle.close(complete=False)
 
 
+def test_a_failing_buffered_reopen_leaves_no_descriptor_to_close_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT refused at the first write, then the plain reopen fails (EMFILE): the open's error
+    is what the caller sees, and close() does not close a descriptor number that another thread
+    may have been given since."""
+    handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
+    if handle._staging is None:
+        pytest.skip("O_DIRECT is not used here")
+    direct_fd = handle._fd
+    real_write = os.write
+
+    def refuse(fd: int, data: memoryview) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    def no_more_files(*args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "write", refuse)
+    monkeypatch.setattr(os, "open", no_more_files)
+    with pytest.raises(OSError, match="Too many open files"):
+        handle.write(bytes(8192))
+    closed: list[int] = []
+    monkeypatch.setattr(os, "close", closed.append)
+    handle.close(complete=False)
+    assert closed == [], "close() closed a descriptor that was already closed"
+
+
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
 def test_merges_written_directly_and_buffered_are_byte_identical(
     sharded: tuple[Path, Path],
@@ -273,14 +305,19 @@ def test_merges_written_directly_and_buffered_are_byte_identical(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     adapter, base = sharded
-    opened: list[bool] = []
-    real_init = engine._ShardFile.__init__
+    opened: list[bool] = []  # per shard: O_DIRECT at open and still at close
+    real_init, real_close = engine._ShardFile.__init__, engine._ShardFile.close
 
     def record(self: engine._ShardFile, path: Path, staging: memoryview | None) -> None:
         real_init(self, path, staging)
         opened.append(_is_direct(self))
 
+    def check(self: engine._ShardFile, complete: bool = True) -> None:
+        opened[-1] = opened[-1] and self._staging is not None
+        real_close(self, complete)
+
     monkeypatch.setattr(engine._ShardFile, "__init__", record)
+    monkeypatch.setattr(engine._ShardFile, "close", check)
     monkeypatch.setattr(engine, "DIRECT_STAGING", 8 * KiB)  # shards span many staging buffers
     merge_to_folder(adapter, base, tmp_path / "direct")
     if not all(opened):
@@ -290,6 +327,43 @@ def test_merges_written_directly_and_buffered_are_byte_identical(
     merge_to_folder(adapter, base, tmp_path / "buffered")
     assert opened and not any(opened)
     assert folder_bytes(tmp_path / "direct") == folder_bytes(tmp_path / "buffered")
+
+
+def test_a_merged_embedding_in_pieces_reads_each_adapter_byte_once(
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An embedding LoRA moving in pieces: each piece needs all of B and its columns of A, which
+    are read once for the tensor, not once per piece (on a 152k-row embedding at r=256 that
+    would be 10 GB of reads)."""
+    from worker import sources
+
+    base = base_dir("llama")
+    adapter = adapter_dir("llama", target_modules=["embed_tokens", "q_proj"])
+    monkeypatch.setattr(engine, "PIECE_BYTES", 1 * KiB)  # the 256-row embedding: 4 pieces
+    reads: list[tuple[int, int]] = []
+    real_read = sources.FolderSource.read_into
+
+    def count(self: sources.FolderSource, path: str, start: int, buffer: memoryview) -> None:
+        if path == "adapter_model.safetensors":
+            reads.append((start, len(buffer)))
+        real_read(self, path, start, buffer)
+
+    pieces: dict[str, int] = {}
+    real_pieces = engine._merged_pieces
+
+    def spy(plan: TensorPlan, source_bytes: int) -> list[engine._Piece]:
+        made = real_pieces(plan, source_bytes)
+        pieces[plan.key] = len(made)
+        return made
+
+    monkeypatch.setattr(sources.FolderSource, "read_into", count)
+    monkeypatch.setattr(engine, "_merged_pieces", spy)
+    merge(adapter, base, tmp_path / "out")
+    assert pieces["model.embed_tokens.weight"] == 4
+    assert reads and len(reads) == len(set(reads)), "an adapter tensor was read more than once"
 
 
 # --- whole merges -------------------------------------------------------------------------------

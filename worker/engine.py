@@ -335,9 +335,10 @@ class _AdapterWeights:
     def __init__(self, folder: Path, header: SafetensorsHeader) -> None:
         self.files = FolderSource(folder)
         self.header = header
-        # The last whole tensor read: a merged tensor moving in pieces asks for the same A (or B)
-        # once per piece. Callers never modify what they get.
-        self._last: tuple[str, torch.Tensor] | None = None
+        # Whole tensors read for the output tensor being merged: moving in pieces, it asks for
+        # the same A, B or token rows once per piece (`forget` when it is done). Callers never
+        # modify what they get.
+        self._cache: dict[str, torch.Tensor] = {}
 
     def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `key`, or only its rows [start, stop) (a contiguous stretch of the file)."""
@@ -352,13 +353,16 @@ class _AdapterWeights:
             start = self.header.data_start + info.begin + rows[0] * row_bytes
             self.files.read_into(WEIGHTS_FILE, start, memoryview(buffer))
             return _view(buffer, dtype, [rows[1] - rows[0], *shape[1:]])
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        buffer = bytearray(info.nbytes)
-        self.files.read_into(WEIGHTS_FILE, self.header.data_start + info.begin, memoryview(buffer))
-        tensor = _view(buffer, dtype, shape)
-        self._last = (key, tensor)
-        return tensor
+        if key not in self._cache:
+            buffer = bytearray(info.nbytes)
+            start = self.header.data_start + info.begin
+            self.files.read_into(WEIGHTS_FILE, start, memoryview(buffer))
+            self._cache[key] = _view(buffer, dtype, shape)
+        return self._cache[key]
+
+    def forget(self) -> None:
+        """Drop the whole tensors kept for the output tensor just merged."""
+        self._cache.clear()
 
 
 def folder_entries(folder: Path) -> list[FileEntry]:
@@ -542,7 +546,8 @@ class _ShardFile:
     def _buffered(self) -> None:
         """(Re)open the file for plain writes, empty."""
         if self._fd >= 0:
-            os.close(self._fd)
+            fd, self._fd = self._fd, -1  # never closed twice, whatever the open below does
+            os.close(fd)
         self._staging = None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
@@ -589,7 +594,9 @@ class _ShardFile:
                 self._flush(padded)
                 os.ftruncate(self._fd, self.size)
         finally:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 _DONE = object()
@@ -697,6 +704,8 @@ class _Pipeline:
             if self.cancelled and self.cancelled():
                 raise MergeCancelled()
             self.to_write.put((piece, self._compute(piece, buffer)))
+            if piece.last:
+                self.weights.forget()
 
     def _release_ring(self) -> None:
         """Unmap the ring now. After a failure, views of it may still sit in the queues and in
