@@ -248,24 +248,37 @@ def test_shard_files_fall_back_to_buffered_writes_where_o_direct_is_refused(
         assert path.read_bytes() == data
 
 
-def test_a_refusal_after_bytes_were_written_is_an_error_not_a_silent_restart(
+def test_a_refusal_after_direct_writes_goes_on_buffered_keeping_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A device with blocks larger than DIRECT_ALIGN takes the 8 MiB writes and refuses the
+    padded last one (or a refused write got partly through): the file keeps what was flushed,
+    drops any part-write and goes on buffered, whole."""
     handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
     if handle._staging is None:
         pytest.skip("O_DIRECT is not used here")
-    handle.write(bytes(8192))  # flushed
-    real_write = os.write
+    data = random.Random(1).randbytes(3 * 8192 + 100)
+    handle.write(data[:8192])  # flushed, direct
+    direct = {handle._fd}
+    real_open, real_write = os.open, os.write
 
-    def refuse(fd: int, data: memoryview) -> int:
-        if fd == handle._fd:
+    def reopen(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        direct.discard(fd)  # the same number again, without O_DIRECT
+        return fd
+
+    def part_then_refuse(fd: int, view: memoryview) -> int:
+        if fd in direct:
+            real_write(fd, view[:4096])  # a part lands, then the refusal
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, view)
 
-    monkeypatch.setattr(os, "write", refuse)
-    with pytest.raises(OSError, match="Invalid argument"):
-        handle.write(bytes(8192))
-    handle.close(complete=False)
+    monkeypatch.setattr(os, "open", reopen)
+    monkeypatch.setattr(os, "write", part_then_refuse)
+    handle.write(data[8192:])
+    handle.close()
+    assert handle._staging is None
+    assert (tmp_path / "shard").read_bytes() == data
 
 
 def test_a_failing_buffered_reopen_leaves_no_descriptor_to_close_twice(

@@ -525,8 +525,9 @@ class _ShardFile:
     0.2 s and ran at the disk's speed. Direct writes need block-aligned memory, offsets and
     lengths, so bytes are gathered in an aligned staging buffer (the pipeline's, reused for every
     shard); the last block is padded with zeros and the file cut back to its size. Where O_DIRECT
-    is missing (macOS) or refused with EINVAL (tmpfs, some FUSE and network file systems), at
-    open or at the first write, the file is written with plain buffered writes instead.
+    is missing (macOS) or refused with EINVAL (tmpfs, some FUSE and network file systems; at
+    open, at the first write, or later on a device whose blocks are larger than DIRECT_ALIGN),
+    the file goes on with plain buffered writes from where the direct ones stopped.
     """
 
     def __init__(self, path: Path, staging: memoryview | None) -> None:
@@ -544,12 +545,14 @@ class _ShardFile:
             self._buffered()
 
     def _buffered(self) -> None:
-        """(Re)open the file for plain writes, empty."""
+        """(Re)open the file for plain writes, keeping what was flushed and nothing more."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1  # never closed twice, whatever the open below does
             os.close(fd)
         self._staging = None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, self._flushed)  # a refused write may have left part of itself
+        os.lseek(self._fd, self._flushed, os.SEEK_SET)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -571,10 +574,10 @@ class _ShardFile:
         try:
             self._write_all(staging[:length])
         except OSError as exc:
-            # Accepted at open, refused at the first write: the staging buffer still holds
-            # everything, so start the file again, buffered.
-            if exc.errno != errno.EINVAL or self._flushed:
+            if exc.errno != errno.EINVAL:
                 raise
+            # Refused (at the first write, or a block size this device does not take): what was
+            # flushed stays, the rest is still in the staging buffer; go on buffered.
             self._buffered()
             self._write_all(staging[:length])
         self._flushed += length
