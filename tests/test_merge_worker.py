@@ -168,6 +168,51 @@ def test_a_retried_dir_job_removes_what_its_killed_attempt_left(tmp_path: Path) 
     assert not killed.exists() and other.exists()
 
 
+def test_a_dir_merge_removes_staging_that_ended_jobs_left_and_no_other(
+    server: RunningServer,
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """A worker killed mid-merge into dir:PATH whose job is never retried (cancelled, or out of
+    attempts) leaves a staging folder beside PATH: the next merge into PATH removes it once the
+    registry says that job is over. A queued or running job's, or one the registry does not
+    know (another registry's worker, on a shared file system), is left alone."""
+    from registry.core.jobs import parse_target
+    from worker.targets import make_target
+
+    ref = _register(server, base_dir("llama"), adapter_dir("llama"), "org/tiny-llama")
+
+    def request(to: str) -> str:
+        done = server.cli("merge", ref, "--to", f"dir:{tmp_path / to}", "--json")
+        assert done.returncode == 0, done.stderr
+        job_id: str = json.loads(done.stdout)["id"]
+        return job_id
+
+    ended, live = request("first"), request("second")
+    assert server.cli("jobs", "cancel", ended).returncode == 0
+    leftovers = {
+        name: tmp_path / f".published.partial-job-{job_id}-0f0f0f0f"
+        for name, job_id in (("ended", ended), ("live", live), ("unknown", "f" * 32))
+    }
+    for leftover in leftovers.values():
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half written")
+    with server.client(tmp_path / "cache") as client:
+        target = make_target(
+            parse_target(f"dir:{tmp_path / 'published'}"),
+            client=client,
+            job_id="a" * 32,
+            worker="test",
+            adapter=ref,
+            base="org/tiny-llama",
+        )
+        staging = target.staging(tmp_path / "work" / f"job-{'a' * 32}-2d2d2d2d")
+    assert staging == tmp_path / f".published.partial-job-{'a' * 32}-2d2d2d2d"
+    assert not leftovers["ended"].exists()
+    assert leftovers["live"].exists() and leftovers["unknown"].exists()
+
+
 def test_cancel_a_queued_job_and_list_jobs(
     server: RunningServer, adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]
 ) -> None:

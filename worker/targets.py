@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from cli.client import Registry
 from registry.core.basemodel import CONFIG_JSON, INDEX_JSON
-from registry.core.errors import OutputExists, Unavailable
+from registry.core.errors import OutputExists, RegistryError, Unavailable
 from registry.core.jobs import Target
 from registry.core.manifest import FileEntry
 from worker.engine import folder_entries
@@ -95,20 +96,34 @@ class RegistryTarget(Publisher):
 
 class DirTarget(Publisher):
     """The merged folder at PATH on the worker. An existing folder is never overwritten: if it
-    already holds exactly this merge (an earlier attempt finished), the job succeeds."""
+    already holds exactly this merge (an earlier attempt finished), the job succeeds.
 
-    def __init__(self, path: Path) -> None:
+    `job_ended(job_id)` says whether a job is over (succeeded, failed or cancelled): staging
+    folders that such jobs left beside PATH (a worker killed mid-merge, never retried) are
+    removed. Without it, or when the registry cannot say, they are left alone: another worker may
+    be writing there (PATH can be on a shared file system)."""
+
+    def __init__(self, path: Path, job_ended: Callable[[str], bool] | None = None) -> None:
         self.path = path
+        self.job_ended = job_ended
 
     def staging(self, work: Path) -> Path:
         # Beside the final folder, so publishing is a rename on one filesystem. `work` is named
         # job-<id>-<random>: what an earlier attempt of this job left (its worker was killed or
-        # lost the lease, so it publishes nothing) is removed first.
+        # lost the lease, so it publishes nothing) is removed first, and so is what ended jobs
+        # left.
         prefix = f".{self.path.name}.partial-"
         job = work.name.rsplit("-", 1)[0]
         if self.path.parent.is_dir():
             for leftover in self.path.parent.iterdir():
-                if leftover.name.startswith(f"{prefix}{job}-"):
+                if not leftover.name.startswith(prefix):
+                    continue
+                owner = leftover.name[len(prefix) :].rsplit("-", 1)[0]  # job-<id>
+                if owner == job or (
+                    self.job_ended is not None
+                    and owner.startswith("job-")
+                    and self.job_ended(owner.removeprefix("job-"))
+                ):
                     shutil.rmtree(leftover, ignore_errors=True)
         self.out = self.path.parent / f"{prefix}{work.name}"
         return self.out
@@ -203,6 +218,15 @@ class HubTarget(Publisher):
         return published.commit_url or f"hub:{self.repo}"
 
 
+def _job_ended(client: Registry, job_id: str) -> bool:
+    """Whether the registry says this job is over; False when it cannot say (unknown id,
+    unreachable)."""
+    try:
+        return client.job(job_id).finished
+    except RegistryError:
+        return False
+
+
 def make_target(
     target: Target, *, client: Registry, job_id: str, worker: str, adapter: str, base: str
 ) -> Publisher:
@@ -210,7 +234,7 @@ def make_target(
         return RegistryTarget(client, job_id, worker)
     if target.kind == "dir":
         assert target.path is not None
-        return DirTarget(Path(target.path))
+        return DirTarget(Path(target.path), job_ended=lambda other: _job_ended(client, other))
     if target.kind == "s3":
         assert target.bucket is not None
         return S3Target(target.bucket, target.prefix or "", job_id)
