@@ -30,9 +30,13 @@ def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, 
     return len(session.execute(statement.returning(*table.primary_key.columns)).all())
 
 
+def _postgres(session: Session) -> bool:
+    return bool(session.get_bind().dialect.name == "postgresql")
+
+
 def for_update(session: Session, statement: Any) -> Any:
     """Lock the selected rows until the transaction ends (SQLite already holds the DB lock)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return statement.with_for_update()
     return statement
 
@@ -40,20 +44,20 @@ def for_update(session: Session, statement: Any) -> Any:
 def skip_locked(session: Session, statement: Any) -> Any:
     """Lock the selected rows, skipping rows another transaction holds (PostgreSQL); SQLite's
     write transaction already holds the whole database."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return statement.with_for_update(skip_locked=True)
     return statement
 
 
 def db_time(session: Session, at: datetime) -> datetime:
     """A timestamp to compare with stored ones: SQLite keeps them naive (in UTC)."""
-    return at if session.get_bind().dialect.name == "postgresql" else at.replace(tzinfo=None)
+    return at if _postgres(session) else at.replace(tzinfo=None)
 
 
 def for_share(session: Session, statement: Any) -> Any:
     """Share-lock the selected rows until the transaction ends, so a concurrent garbage
     collection (which takes them FOR UPDATE) waits for us, and we for it."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return statement.with_for_update(read=True)
     return statement
 

@@ -189,6 +189,40 @@ def _is_direct(handle: engine._ShardFile) -> bool:
     return bool(int(flags, 8) & getattr(os, "O_DIRECT", 0))
 
 
+def _refuse_o_direct(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    at_open: bool = False,
+    opened: tuple[int, ...] = (),
+    part: int = 0,
+) -> None:
+    """EINVAL for O_DIRECT, as tmpfs, FUSE, network file systems or a device with larger blocks
+    answer it: at open (`at_open`), or for every write to a descriptor open with O_DIRECT (those
+    opened from now on, and `opened`), after `part` bytes of it landed."""
+    direct = getattr(os, "O_DIRECT", 0)
+    monkeypatch.setattr(os, "O_DIRECT", direct or 0o40000, raising=False)
+    direct_fds = set(opened)
+    real_open, real_write = os.open, os.write
+
+    def fake_open(path: str, flags: int, mode: int = 0o777) -> int:
+        wanted = bool(flags & os.O_DIRECT)
+        if wanted and at_open:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags if direct else flags & ~os.O_DIRECT, mode)
+        (direct_fds.add if wanted else direct_fds.discard)(fd)  # numbers are reused
+        return fd
+
+    def fake_write(fd: int, data: memoryview) -> int:
+        if fd in direct_fds:
+            if part:
+                real_write(fd, data[:part])
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+
+
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this system")
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 8192 + 17, 10 * 8192])
 def test_shard_files_hold_exactly_the_bytes_written_in_any_pieces(
@@ -215,35 +249,15 @@ def test_shard_files_fall_back_to_buffered_writes_where_o_direct_is_refused(
 ) -> None:
     """tmpfs, FUSE and network file systems refuse O_DIRECT with EINVAL, at open or at the first
     write; the shard is then written with plain writes, whole."""
-    direct = getattr(os, "O_DIRECT", 0)
-    monkeypatch.setattr(os, "O_DIRECT", direct or 0o40000, raising=False)
-    real_open, real_write = os.open, os.write
-    refuse = {"open"}
-
-    def fake_open(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & os.O_DIRECT and "open" in refuse:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        fd = real_open(path, flags & ~os.O_DIRECT if not direct else flags, mode)
-        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
-        return fd
-
-    def fake_write(fd: int, data: memoryview) -> int:
-        if "write" in refuse and fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
-
-    direct_fds: set[int] = set()
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "write", fake_write)
     data = random.Random(0).randbytes(20_000)
     for refused in ("open", "write"):
-        refuse.clear()
-        refuse.add(refused)
         path = tmp_path / f"refused-at-{refused}"
-        handle = engine._ShardFile(path, _staging(8192))
-        handle.write(data[:15_000])  # the staging buffer fills: the first write is refused
-        handle.write(data[15_000:])
-        handle.close()
+        with monkeypatch.context() as patch:
+            _refuse_o_direct(patch, at_open=refused == "open")
+            handle = engine._ShardFile(path, _staging(8192))
+            handle.write(data[:15_000])  # the staging buffer fills: the first write is refused
+            handle.write(data[15_000:])
+            handle.close()
         assert handle._staging is None, "it should have fallen back to buffered writes"
         assert path.read_bytes() == data
 
@@ -259,22 +273,7 @@ def test_a_refusal_after_direct_writes_goes_on_buffered_keeping_them(
         pytest.skip("O_DIRECT is not used here")
     data = random.Random(1).randbytes(3 * 8192 + 100)
     handle.write(data[:8192])  # flushed, direct
-    direct = {handle._fd}
-    real_open, real_write = os.open, os.write
-
-    def reopen(path: str, flags: int, mode: int = 0o777) -> int:
-        fd = real_open(path, flags, mode)
-        direct.discard(fd)  # the same number again, without O_DIRECT
-        return fd
-
-    def part_then_refuse(fd: int, view: memoryview) -> int:
-        if fd in direct:
-            real_write(fd, view[:4096])  # a part lands, then the refusal
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, view)
-
-    monkeypatch.setattr(os, "open", reopen)
-    monkeypatch.setattr(os, "write", part_then_refuse)
+    _refuse_o_direct(monkeypatch, opened=(handle._fd,), part=4096)  # a part lands, then EINVAL
     handle.write(data[8192:])
     handle.close()
     assert handle._staging is None
@@ -290,18 +289,11 @@ def test_a_failing_buffered_reopen_leaves_no_descriptor_to_close_twice(
     handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
     if handle._staging is None:
         pytest.skip("O_DIRECT is not used here")
-    direct_fd = handle._fd
-    real_write = os.write
-
-    def refuse(fd: int, data: memoryview) -> int:
-        if fd == direct_fd:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+    _refuse_o_direct(monkeypatch, opened=(handle._fd,))
 
     def no_more_files(*args: object) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(os, "write", refuse)
     monkeypatch.setattr(os, "open", no_more_files)
     with pytest.raises(OSError, match="Too many open files"):
         handle.write(bytes(8192))

@@ -72,8 +72,8 @@ BLOCK_ELEMENTS = 1 << 20
 # the same rows of PEFT's one product over the whole tensor (a 2-row tail of a 2048-row weight
 # did, in the 1.1B benchmark), while blocks of 12 rows and more agree with it at any thread count.
 BLOCK_ROWS = 64
-# Tensors that are only copied or cast move in pieces of at most this size, so a large model's
-# embedding and lm_head never sit in memory whole.
+# Tensors move through the pipeline in pieces of about this size at most (merged ones in whole
+# rows, see _merged_pieces), so a large model's embedding and lm_head never sit in memory whole.
 PIECE_BYTES = 16 << 20
 # The least room for pieces in flight, so that small tensors still overlap reads and writes.
 RING_FLOOR = 64 << 20
@@ -750,11 +750,11 @@ class _Pipeline:
 
     # --- writing: write, hash and fsync each run in their own thread --------------------------
     #
-    # The writer only copies bytes into the page cache and hands them on; the hasher follows it
-    # through the same buffers (hashlib releases the GIL) and gives their ring room back, and the
-    # syncer fsyncs each complete shard while the next one is being written. A shard is
-    # published only once it is both hashed and fsynced; each stage passes _DONE on when it
-    # stops, so a failure or a cancel anywhere stops the ones after it.
+    # The writer only copies bytes to the file (O_DIRECT, see _ShardFile) and hands them on; the
+    # hasher follows it through the same buffers (hashlib releases the GIL) and gives their ring
+    # room back, and the syncer fsyncs each complete shard while the next one is being written.
+    # A shard is published only once it is both hashed and fsynced; each stage passes _DONE on
+    # when it stops, so a failure or a cancel anywhere stops the ones after it.
 
     def _write(self) -> None:
         """Write shard by shard, in plan order (the order the reader and compute follow)."""
@@ -881,15 +881,11 @@ class _Pipeline:
             inside = [(row - first, i) for i, row in enumerate(indices) if first <= row < stop]
             if inside:
                 index = torch.tensor([row for row, _ in inside], dtype=torch.long)
-                rows = self._adapter(key)[[i for _, i in inside]].to(target.dtype)
+                rows = self.weights.get_tensor(key)[[i for _, i in inside]].to(target.dtype)
                 target.copy_(target.index_copy(0, index, rows))
         if plan.replace or plan.bias or plan.tokens or (plan.lora and plan.lora.magnitude):
             _check_finite(target, plan.key)  # LoRA blocks were checked as they were computed
         return result
-
-    def _adapter(self, key: str) -> torch.Tensor:
-        tensor: torch.Tensor = self.weights.get_tensor(key)
-        return tensor
 
     def _apply_lora(
         self, plan: TensorPlan, weight: torch.Tensor, target: torch.Tensor, first: int
@@ -900,16 +896,16 @@ class _Pipeline:
         dev = self.device
         span = (first, first + weight.shape[0])
         if lora.magnitude and lora.kind != "linear":  # moves whole (see _merged_pieces)
-            a = self._adapter(lora.a).to(dev, torch.float32)
-            b = self._adapter(lora.b).to(dev, torch.float32)
+            a = self.weights.get_tensor(lora.a).to(dev, torch.float32)
+            b = self.weights.get_tensor(lora.b).to(dev, torch.float32)
             target.copy_(self._dora_transposed(weight, a, b, lora.scale, lora.magnitude, lora.kind))
             return
         if lora.kind == "linear":  # this piece's rows of B·A: its rows of B
-            a = self._adapter(lora.a).to(dev, torch.float32)
+            a = self.weights.get_tensor(lora.a).to(dev, torch.float32)
             b = self.weights.get_tensor(lora.b, rows=span).to(dev, torch.float32)
         else:  # conv1d and embedding: the weight's rows are columns of B·A, so columns of A
-            a = self._adapter(lora.a)[:, span[0] : span[1]].to(dev, torch.float32)
-            b = self._adapter(lora.b).to(dev, torch.float32)
+            a = self.weights.get_tensor(lora.a)[:, span[0] : span[1]].to(dev, torch.float32)
+            b = self.weights.get_tensor(lora.b).to(dev, torch.float32)
         magnitude = None
         if lora.magnitude:
             magnitude = self.weights.get_tensor(lora.magnitude, rows=span).to(dev, torch.float32)
@@ -970,7 +966,7 @@ class _Pipeline:
         """DoRA on a Conv1D or embedding weight: norms run over the stored rows (PEFT's
         fan_in_fan_out path), so the whole tensor is computed at once, in PEFT's order."""
         dev = self.device
-        magnitude = self._adapter(magnitude_key).to(dev, torch.float32)
+        magnitude = self.weights.get_tensor(magnitude_key).to(dev, torch.float32)
         w = weight.to(dev)
         delta = (b @ a).T * scale
         norm = torch.linalg.norm(w.T + delta.T, dim=1)
