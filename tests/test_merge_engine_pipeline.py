@@ -1,5 +1,5 @@
 """The merge engine's pipeline (worker.engine): its ring of reused memory, copied tensors moving in
-pieces, and the writer, hasher and syncer threads behind it.
+pieces, and the writer (which hashes), flusher and syncer threads behind it.
 
 Outputs are compared byte for byte with a merge made with the default sizes (the oracle tests
 check those against PEFT). Nothing here asserts a duration.
@@ -16,6 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,12 +37,13 @@ def sharded(adapter_dir: Callable[..., Path], base_dir: Callable[..., Path]) -> 
     return adapter_dir("llama"), base_dir("llama", max_shard_size="40KB")
 
 
-STAGES = {"merge-reader", "merge-writer", "merge-hasher", "merge-syncer"}
+# Thread names; each shard's flusher is a one-thread pool ("merge-flusher_0").
+STAGES = ("merge-reader", "merge-writer", "merge-flusher", "merge-syncer")
 
 
 def merge_stages() -> list[str]:
     """Names of the pipeline threads still alive."""
-    return [t.name for t in threading.enumerate() if t.name in STAGES]
+    return [t.name for t in threading.enumerate() if t.name.startswith(STAGES)]
 
 
 # --- the ring -------------------------------------------------------------------------------------
@@ -170,7 +172,12 @@ def test_row_blocks_cover_every_row_once_and_none_is_thin(rows: int, width: int)
     )
 
 
-def test_row_blocks_of_a_wide_weight_are_multiples_of_block_rows() -> None:
+def test_row_blocks_of_a_wide_weight_are_multiples_of_block_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1 << 17)  # 23 rows: too thin, so BLOCK_ROWS
+    assert engine._row_blocks(2048, 5632) == [(s, s + 64) for s in range(0, 2048, 64)]
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1 << 20)  # 186 rows: rounded down to 128
     assert engine._row_blocks(2048, 5632) == [(s, min(s + 128, 2048)) for s in range(0, 2048, 128)]
     # 130 rows in blocks of 64: the 2-row tail joins the block before it.
     assert engine._row_blocks(130, engine.BLOCK_ELEMENTS // 64) == [(0, 64), (64, 130)]
@@ -239,9 +246,10 @@ def test_shard_files_hold_exactly_the_bytes_written_in_any_pieces(
         handle.write(memoryview(data)[start:stop])
     handle.close()
     # Still direct: a misaligned write would have been refused and gone buffered unnoticed.
-    assert handle._staging is not None, "O_DIRECT was given up on the way"
+    assert handle.direct, "O_DIRECT was given up on the way"
     assert handle.size == size
     assert (tmp_path / "shard").read_bytes() == data
+    assert handle.sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_shard_files_fall_back_to_buffered_writes_where_o_direct_is_refused(
@@ -258,7 +266,7 @@ def test_shard_files_fall_back_to_buffered_writes_where_o_direct_is_refused(
             handle.write(data[:15_000])  # the staging buffer fills: the first write is refused
             handle.write(data[15_000:])
             handle.close()
-        assert handle._staging is None, "it should have fallen back to buffered writes"
+        assert not handle.direct, "it should have fallen back to buffered writes"
         assert path.read_bytes() == data
 
 
@@ -269,14 +277,15 @@ def test_a_refusal_after_direct_writes_goes_on_buffered_keeping_them(
     padded last one (or a refused write got partly through): the file keeps what was flushed,
     drops any part-write and goes on buffered, whole."""
     handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
-    if handle._staging is None:
+    if not handle.direct:
         pytest.skip("O_DIRECT is not used here")
     data = random.Random(1).randbytes(3 * 8192 + 100)
-    handle.write(data[:8192])  # flushed, direct
+    handle.write(data[:8192])  # both 4 KiB halves handed to the flusher, direct
+    handle._wait()  # and written
     _refuse_o_direct(monkeypatch, opened=(handle._fd,), part=4096)  # a part lands, then EINVAL
     handle.write(data[8192:])
     handle.close()
-    assert handle._staging is None
+    assert not handle.direct
     assert (tmp_path / "shard").read_bytes() == data
 
 
@@ -287,7 +296,7 @@ def test_a_failing_buffered_reopen_leaves_no_descriptor_to_close_twice(
     is what the caller sees, and close() does not close a descriptor number that another thread
     may have been given since."""
     handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
-    if handle._staging is None:
+    if not handle.direct:
         pytest.skip("O_DIRECT is not used here")
     _refuse_o_direct(monkeypatch, opened=(handle._fd,))
 
@@ -313,12 +322,12 @@ def test_merges_written_directly_and_buffered_are_byte_identical(
     opened: list[bool] = []  # per shard: O_DIRECT at open and still at close
     real_init, real_close = engine._ShardFile.__init__, engine._ShardFile.close
 
-    def record(self: engine._ShardFile, path: Path, staging: memoryview | None) -> None:
+    def record(self: engine._ShardFile, path: Path, staging: memoryview) -> None:
         real_init(self, path, staging)
         opened.append(_is_direct(self))
 
     def check(self: engine._ShardFile, complete: bool = True) -> None:
-        opened[-1] = opened[-1] and self._staging is not None
+        opened[-1] = opened[-1] and self.direct
         real_close(self, complete)
 
     monkeypatch.setattr(engine._ShardFile, "__init__", record)
@@ -488,6 +497,19 @@ def test_overlapping_cpu_merges_each_lower_and_restore_their_own_torch_threads(
         assert torch.get_num_threads() == before
 
 
+def _track_staging_maps(monkeypatch: pytest.MonkeyPatch) -> list[mmap.mmap]:
+    """The writer's staging buffers that merges map from now on."""
+    maps: list[mmap.mmap] = []
+    real_init = engine._Pipeline.__init__
+
+    def init(self: engine._Pipeline, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        maps.append(self._staging_map)
+
+    monkeypatch.setattr(engine._Pipeline, "__init__", init)
+    return maps
+
+
 def _fail_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     real = engine.FolderSource.read_into
     calls = [0]
@@ -501,14 +523,14 @@ def _fail_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine.FolderSource, "read_into", read_into)
 
 
-def _fail_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_writing(monkeypatch: pytest.MonkeyPatch) -> None:
     real = engine._Ring.give_back
     calls = [0]
 
     def give_back(self: engine._Ring) -> None:
         calls[0] += 1
         if calls[0] > 4:
-            raise OSError("injected: hasher failed")
+            raise OSError("injected: writer failed")
         real(self)
 
     monkeypatch.setattr(engine._Ring, "give_back", give_back)
@@ -528,7 +550,7 @@ def _fail_computing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "_check_finite", check_finite)
 
 
-@pytest.mark.parametrize("fault", [_fail_reading, _fail_hashing, _fail_fsync, _fail_computing])
+@pytest.mark.parametrize("fault", [_fail_reading, _fail_writing, _fail_fsync, _fail_computing])
 def test_a_failing_stage_stops_every_stage_unmaps_the_ring_and_leaves_nothing(
     sharded: tuple[Path, Path],
     tmp_path: Path,
@@ -545,6 +567,7 @@ def test_a_failing_stage_stops_every_stage_unmaps_the_ring_and_leaves_nothing(
 
     fault(monkeypatch)
     monkeypatch.setattr(engine, "_Ring", tracked)
+    maps = _track_staging_maps(monkeypatch)
     published: list[str] = []
     with pytest.raises(Exception, match="injected"):
         merge_to_folder(
@@ -553,6 +576,7 @@ def test_a_failing_stage_stops_every_stage_unmaps_the_ring_and_leaves_nothing(
     assert not merge_stages()
     assert not list(tmp_path.iterdir())  # neither the output nor its staging folder
     assert rings and all(ring._memory.closed for ring in rings)  # unmapped, not left to gc
+    assert maps and all(staging.closed for staging in maps)
 
 
 def test_a_float16_cast_that_overflows_names_the_tensor(

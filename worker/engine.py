@@ -4,9 +4,9 @@ Weights are never loaded through transformers. The engine reads safetensors head
 `worker.plan` what happens to each tensor, writes every output shard's header up front (shapes
 and dtypes are known from the plan) and then streams tensor data through five threads:
 
-    reader  --(pieces)-->  compute (this thread)  --(bytes)-->  writer  -->  hasher  -->  syncer
-    ranged reads           float32 row blocks                   write()      sha256      fsync,
-    into the ring          on the device                                                publish
+    reader  --(pieces)-->  compute (this thread)  --(bytes)-->  writer  -->  flusher  -->  syncer
+    ranged reads           float32 row blocks                   copy and     write()      fsync,
+    into the ring          on the device                        sha256                    publish
 
 Tensors move in pieces of at most about 16 MiB: runs of elements of those that are only copied or
 cast, runs of whole rows of merged ones (computed in row blocks, written back into their input
@@ -36,6 +36,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ from worker.plan import MergePlan, TensorPlan, plan_merge
 from worker.sources import WEIGHT_SUFFIXES, FolderSource, Source, read_bytes
 
 ENGINE_VERSION = "lora-registry-merge/1"
-# Rows of a merged tensor are processed in blocks of about this many float32 elements.
+# Rows of a merged tensor are processed in blocks of about this many float32 elements (4 MiB).
+# The best size depends on the machine (bench/README.md): 128 K-element blocks, which stay in
+# the L2 cache, were faster on one VM and 2 M-element ones on another; 1 M was never far off.
 BLOCK_ELEMENTS = 1 << 20
 # Blocks are whole multiples of this many rows (columns of B·A for Conv1D and embeddings), and a
 # thinner tail joins the block before it. BLAS computes very thin products with other kernels,
@@ -83,6 +86,8 @@ ALIGN = 64
 # logical block), gathered in a staging buffer of this size.
 DIRECT_ALIGN = 4096
 DIRECT_STAGING = 8 << 20
+# The writer hashes what it copies into the staging buffer in chunks of this, while in the cache.
+HASH_CHUNK = 1 << 20
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -152,11 +157,11 @@ def pick_device(name: str) -> torch.device:
 def _compute_threads(device: torch.device) -> Iterator[None]:
     """Leave the pipeline's other threads a core of their own while merging on the CPU.
 
-    The writer and the hasher keep about two cores busy. torch's CPU ops run as an OpenMP team
-    that spins while it waits for a member whose core is busy: on 2 cores, 2 torch threads cost
-    twice the CPU time of 1 and were not faster. With OpenMP the setting belongs to the calling
-    thread (the one that computes, see _Pipeline.run), so each merge lowers and restores its own;
-    merges side by side (--concurrency) do not disturb each other.
+    The reader, the writer (which hashes) and the flusher keep about a core busy. torch's CPU ops
+    run as an OpenMP team that spins while it waits for a member whose core is busy: on 2 cores,
+    2 torch threads cost twice the CPU time of 1 and were not faster. With OpenMP the setting
+    belongs to the calling thread (the one that computes, see _Pipeline.run), so each merge lowers
+    and restores its own; merges side by side (--concurrency) do not disturb each other.
     """
     if device.type != "cpu":
         yield
@@ -394,7 +399,7 @@ class _Piece:
 
     @property
     def cost(self) -> int:
-        """Ring bytes it holds from its read until it is hashed: its input or output, the larger."""
+        """Ring bytes it holds from its read until it is copied out: input or output, the larger."""
         return max(self.source_bytes, self.nbytes)
 
 
@@ -448,8 +453,8 @@ def _merged_pieces(plan: TensorPlan, source_bytes: int) -> list[_Piece]:
 class _Ring:
     """Memory for the pieces in flight, reused: taken and given back in the same order.
 
-    The reader takes each piece's room and the hasher gives it back once the piece is written
-    and hashed; both follow plan order, so the free room is always one stretch of a ring. Its
+    The reader takes each piece's room and the writer gives it back once the piece is copied
+    out; both follow plan order, so the free room is always one stretch of a ring. Its
     size bounds the bytes in flight. Reused pages cost no page faults: preadv filled a fresh
     mmap at ~1.4 GB/s here and a reused buffer at ~10 GB/s; a fresh bytearray per tensor came in
     between, from glibc's heap, which held on to the freed ones.
@@ -517,100 +522,124 @@ class _Ring:
 
 
 class _ShardFile:
-    """An output shard written around the page cache (O_DIRECT) where the file system allows it.
+    """An output shard: its bytes gathered in a staging buffer, hashed there while they are in the
+    cache, and written by a flusher thread while the next ones are gathered.
 
+    Hashing is the pipeline's longest serial step (2.2 GB of sha256 in the benchmark), and sha256
+    over bytes that have left the cache ran at 1.3 GB/s on the benchmark's VM against 2.0 GB/s
+    over bytes just copied: so the writer hashes each chunk (HASH_CHUNK) right after copying it.
+    The staging buffer is two halves: while one is being written to the file, the other fills.
+
+    The file is written around the page cache (O_DIRECT) where the file system allows it.
     Buffered writes of a whole checkpoint fill the page cache with pages nobody reads again
     (evicting the base being read), and each page costs an allocation and a copy: on the 2-core
     VM the benchmark runs on, plain write() calls of 2.2 GB took 3-8 s of CPU where O_DIRECT took
     0.2 s and ran at the disk's speed. Direct writes need block-aligned memory, offsets and
-    lengths, so bytes are gathered in an aligned staging buffer (the pipeline's, reused for every
-    shard); the last block is padded with zeros and the file cut back to its size. Where O_DIRECT
-    is missing (macOS) or refused with EINVAL (tmpfs, some FUSE and network file systems; at
-    open, at the first write, or later on a device whose blocks are larger than DIRECT_ALIGN),
-    the file goes on with plain buffered writes from where the direct ones stopped.
+    lengths, which the staging halves are; the last block is padded with zeros and the file cut
+    back to its size. Where O_DIRECT is missing (macOS) or refused with EINVAL (tmpfs, some FUSE
+    and network file systems; at open, at the first write, or later on a device whose blocks are
+    larger than DIRECT_ALIGN), the file goes on with plain writes from where the direct ones
+    stopped.
     """
 
-    def __init__(self, path: Path, staging: memoryview | None) -> None:
+    def __init__(self, path: Path, staging: memoryview) -> None:
         self.path = path
         self.size = 0  # bytes written by the caller
-        self._staging = staging  # None: buffered writes
-        self._fill = 0  # bytes waiting in the staging buffer
+        half = len(staging) // 2 // DIRECT_ALIGN * DIRECT_ALIGN
+        assert half > 0, "the staging buffer holds two blocks at least"
+        self._halves = (staging[:half], staging[half : 2 * half])
+        self._current = 0  # the half being filled
+        self._fill = 0  # bytes in it
+        self._digest = hashlib.sha256()
+        # The flusher: one write in flight at a time, so the file is written in order.
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="merge-flusher")
+        self._pending: Future[None] | None = None
+        # The file's state below belongs to whichever thread writes: the flusher, or close().
+        self.direct = False
         self._flushed = 0  # bytes handed to the file
         self._fd = -1
-        direct = getattr(os, "O_DIRECT", 0)
-        if staging is not None and direct:
+        if o_direct := getattr(os, "O_DIRECT", 0):
             with contextlib.suppress(OSError):
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | o_direct, 0o644)
+                self.direct = True
         if self._fd < 0:
             self._buffered()
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while view:
+            half = self._halves[self._current]
+            count = min(len(view), len(half) - self._fill, HASH_CHUNK)
+            chunk = half[self._fill : self._fill + count]
+            chunk[:] = view[:count]
+            self._digest.update(chunk)  # now, while the copy is in the cache
+            self._fill += count
+            view = view[count:]
+            if self._fill == len(half):
+                self._wait()  # the other half's write: it fills next
+                self._pending = self._flusher.submit(self._flush, half)
+                self._current ^= 1
+                self._fill = 0
+
+    def _wait(self) -> None:
+        """Wait for the write in flight, raising its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _buffered(self) -> None:
         """(Re)open the file for plain writes, keeping what was flushed and nothing more."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1  # never closed twice, whatever the open below does
             os.close(fd)
-        self._staging = None
+        self.direct = False
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, self._flushed)  # a refused write may have left part of itself
         os.lseek(self._fd, self._flushed, os.SEEK_SET)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self.size += len(view)
-        while view and self._staging is not None:
-            count = min(len(view), len(self._staging) - self._fill)
-            self._staging[self._fill : self._fill + count] = view[:count]
-            self._fill += count
-            view = view[count:]
-            if self._fill == len(self._staging):
-                self._flush(self._fill)
-        if view:  # buffered: from the start, or since O_DIRECT was refused
-            self._write_all(view)
-
-    def _flush(self, length: int) -> None:
-        """Write the staging buffer's first `length` bytes (whole blocks)."""
-        staging = self._staging
-        assert staging is not None
+    def _flush(self, view: memoryview) -> None:
+        """Write `view` (whole blocks while direct) at the end of the file."""
         try:
-            self._write_all(staging[:length])
+            self._write_all(view)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if not self.direct or exc.errno != errno.EINVAL:
                 raise
             # Refused (at the first write, or a block size this device does not take): what was
-            # flushed stays, the rest is still in the staging buffer; go on buffered.
+            # flushed stays; go on buffered.
             self._buffered()
-            self._write_all(staging[:length])
-        self._flushed += length
-        self._fill = 0
+            self._write_all(view)
+        self._flushed += len(view)
 
     def _write_all(self, view: memoryview) -> None:
         while view:
             view = view[os.write(self._fd, view) :]
 
     def close(self, complete: bool = True) -> None:
-        """Write what is left (padded to a whole block, then cut back) and close the file; an
-        incomplete one (the merge failed or was cancelled) is closed as it is."""
+        """Write what is left (padded to a whole block if direct, then cut back) and close the
+        file; an incomplete one (the merge failed or was cancelled) is closed as it is."""
         try:
-            if complete and self._staging is not None and self._fill:
-                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
-                self._staging[self._fill : padded] = bytes(padded - self._fill)
-                self._flush(padded)
+            self._wait()
+            if complete and self._fill:
+                half = self._halves[self._current]
+                length = self._fill
+                if self.direct:
+                    length = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                    half[self._fill : length] = bytes(length - self._fill)
+                self._flush(half[:length])
                 os.ftruncate(self._fd, self.size)
         finally:
+            self._flusher.shutdown()  # waits: nothing may still write to the descriptor
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                os.close(fd)
 
 
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class _Written:
-    """Bytes the writer wrote, for the hasher: a shard header (`piece` None) or a piece."""
-
-    data: bytes | bytearray | memoryview
-    piece: _Piece | None
 
 
 @dataclass(frozen=True)
@@ -619,6 +648,7 @@ class _ShardWritten:
 
     shard: str
     size: int
+    sha256: str
 
 
 class _Pipeline:
@@ -652,12 +682,12 @@ class _Pipeline:
         # reading, compute and writing overlap while peak memory follows the largest piece.
         largest = max((p.cost for pieces in self.pieces.values() for p in pieces), default=0)
         self.ring = _Ring(largest + max(largest // 2, RING_FLOOR))
-        # The writer's staging buffer for O_DIRECT (mapped: page-aligned), reused for every shard.
-        self._staging_map = mmap.mmap(-1, DIRECT_STAGING)
+        # The writer's staging buffer (mapped: page-aligned, for O_DIRECT), reused for every
+        # shard: two halves of DIRECT_STAGING, one filling while the other is written.
+        self._staging_map = mmap.mmap(-1, 2 * DIRECT_STAGING)
         self.staging = memoryview(self._staging_map)
         self.to_compute: queue.Queue[Any] = queue.Queue()
         self.to_write: queue.Queue[Any] = queue.Queue()
-        self.to_hash: queue.Queue[Any] = queue.Queue()
         self.to_sync: queue.Queue[Any] = queue.Queue()
         self.tensors_total = sum(len(plans) for plans in shards.values())
         self.bytes_total = sum(p.nbytes for plans in shards.values() for p in plans)
@@ -674,7 +704,6 @@ class _Pipeline:
         stages = [
             threading.Thread(target=self._guard, args=(self._read,), name="merge-reader"),
             threading.Thread(target=self._guard, args=(self._write,), name="merge-writer"),
-            threading.Thread(target=self._guard, args=(self._hash,), name="merge-hasher"),
             threading.Thread(target=self._guard, args=(self._sync, publish), name="merge-syncer"),
         ]
         started: list[threading.Thread] = []
@@ -686,7 +715,7 @@ class _Pipeline:
         except BaseException as exc:
             self.errors.append(exc)
         finally:
-            # Shutdown: the writer ends on _DONE and passes it on to the hasher and the syncer;
+            # Shutdown: the writer ends on _DONE and passes it on to the syncer;
             # the reader ends when the ring stops (and a failing stage stops it too, see _guard).
             self.to_write.put(_DONE)
             self.ring.stop()
@@ -714,7 +743,7 @@ class _Pipeline:
         """Unmap the ring now. After a failure, views of it may still sit in the queues and in
         the locals of the failed stages' frames (which the exception's traceback keeps): drop
         both first (the traceback still prints; only its frames' variables go)."""
-        for stage_queue in (self.to_compute, self.to_write, self.to_hash, self.to_sync):
+        for stage_queue in (self.to_compute, self.to_write, self.to_sync):
             with contextlib.suppress(queue.Empty):
                 while True:
                     stage_queue.get_nowait()
@@ -748,13 +777,13 @@ class _Pipeline:
             self.to_compute.put((piece, buffer))
         self.to_compute.put(_DONE)
 
-    # --- writing: write, hash and fsync each run in their own thread --------------------------
+    # --- writing: the writer copies and hashes, a flusher writes the file, a syncer fsyncs ------
     #
-    # The writer only copies bytes to the file (O_DIRECT, see _ShardFile) and hands them on; the
-    # hasher follows it through the same buffers (hashlib releases the GIL) and gives their ring
-    # room back, and the syncer fsyncs each complete shard while the next one is being written.
-    # A shard is published only once it is both hashed and fsynced; each stage passes _DONE on
-    # when it stops, so a failure or a cancel anywhere stops the ones after it.
+    # The writer gathers each shard's bytes in the staging buffer, hashing them as it copies (see
+    # _ShardFile), and gives their ring room back; the file is written by the shard's flusher
+    # thread meanwhile, and the syncer fsyncs each complete shard while the next one is being
+    # written. A shard is published only once it is complete, hashed and fsynced; the writer
+    # passes _DONE on when it stops, so a failure or a cancel anywhere stops the syncer too.
 
     def _write(self) -> None:
         """Write shard by shard, in plan order (the order the reader and compute follow)."""
@@ -763,28 +792,26 @@ class _Pipeline:
                 if not self._write_shard(shard, pieces):
                     return  # compute stopped (an error or a cancel): leave the rest
         finally:
-            self.to_hash.put(_DONE)
+            self.to_sync.put(_DONE)
 
     def _write_shard(self, shard: str, pieces: list[_Piece]) -> bool:
         handle = _ShardFile(self.out / shard, self.staging)
         complete = False
         try:
-            header = self._header(self.shards[shard])
-            handle.write(header)
-            self.to_hash.put(_Written(header, None))
+            handle.write(self._header(self.shards[shard]))
             for expected in pieces:
                 item = self.to_write.get()
                 if item is _DONE or self.errors:
                     return False
                 piece, data = item
                 assert piece is expected
-                handle.write(data)
-                self.to_hash.put(_Written(data, piece))
+                handle.write(data)  # copied out: the piece's room can be reused
+                self.ring.give_back()
                 self._report(piece)
             complete = True
         finally:
             handle.close(complete)
-        self.to_hash.put(_ShardWritten(shard, handle.size))
+        self.to_sync.put(_ShardWritten(shard, handle.size, handle.sha256))
         return True
 
     def _report(self, piece: _Piece) -> None:
@@ -800,31 +827,14 @@ class _Pipeline:
                 )
             )
 
-    def _hash(self) -> None:
-        """sha256 of each shard over the bytes the writer wrote; their ring room goes back once
-        they are hashed (the last use of it)."""
-        digest = hashlib.sha256()
-        try:
-            while (item := self.to_hash.get()) is not _DONE:
-                if isinstance(item, _ShardWritten):
-                    self.to_sync.put((item, digest.hexdigest()))
-                    digest = hashlib.sha256()
-                    continue
-                digest.update(item.data)
-                if item.piece is not None:
-                    self.ring.give_back()
-        finally:
-            self.to_sync.put(_DONE)
-
     def _sync(self, publish: Callable[[FileEntry], None]) -> None:
         """fsync each written and hashed shard, then publish it (only complete, durable files)."""
-        while (item := self.to_sync.get()) is not _DONE:
+        while (written := self.to_sync.get()) is not _DONE:
             if self.errors:  # failing or cancelled: publish nothing more (drain to _DONE)
                 continue
-            written, sha256 = item
             _fsync_file(self.out / written.shard)
             if not self.errors:
-                publish(FileEntry(written.shard, written.size, sha256))
+                publish(FileEntry(written.shard, written.size, written.sha256))
 
     def _header(self, plans: list[TensorPlan]) -> bytes:
         header: dict[str, Any] = {"__metadata__": self.metadata}
