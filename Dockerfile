@@ -15,12 +15,19 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 # Only what the package needs, listed explicitly so a local .venv or caches never reach a layer.
 # README.md is pyproject.toml's `readme`: it must exist in the build context.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY registry ./registry
 COPY cli ./cli
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install ".[all]"
+# gcc builds the merge engine's C kernels (worker/_kernels.c) and is removed in the same layer:
+# the image keeps the compiled module, not the compiler.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install ".[all]" \
+    && python -c "import worker._kernels" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 # Run as an unprivileged user; its home is the working directory so the default file:// store
 # and SQLite paths (used only when no LORA_REG_* URLs are given) stay writable.

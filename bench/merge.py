@@ -624,7 +624,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
         f"{machine['memory_gib']} GiB RAM, Python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}, peft {machine['peft']}; a fresh page of "
-        f"memory costs {machine['fresh_page_ns']:,} ns"
+        f"memory costs {machine['fresh_page_ns']:,} ns; C kernels "
+        f"{'built' if machine.get('c_kernels') else 'NOT built (torch ops instead)'}"
     )
     print()
     rows = []
@@ -717,7 +718,10 @@ def engine_source() -> dict[str, Any]:
 
 
 def machine(device: str) -> dict[str, Any]:
+    from worker import engine
+
     info = machine_info(("torch", "transformers", "peft", "safetensors"))
+    info["c_kernels"] = engine.kernels is not None  # worker/_kernels.c built (setup.py)
     if device.startswith("cuda"):
         import torch
 

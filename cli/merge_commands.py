@@ -304,11 +304,18 @@ def worker(
 ) -> None:
     """Run a merge worker: claim jobs from the server, merge, publish, report."""
     _worker_extra()
+    from worker import engine
     from worker.runner import Worker
 
     with registry() as client:
         runner = Worker(client, name=name, device=device, lease_s=lease)
         err.print(f"worker {runner.name} ({device}) serving {state.url}")
+        if engine.kernels is None:
+            err.print(
+                "[yellow]warning[/yellow] the merge engine's C kernels were not built (no C "
+                "compiler or Python headers when lora-registry was installed): CPU merges of "
+                "bf16 weights use slower torch ops. Install gcc and reinstall to build them."
+            )
         if once:
             worked = runner.run_once()
             err.print("ran one job" if worked else "no job was queued")

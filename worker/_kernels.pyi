@@ -1,0 +1,3 @@
+# Types of the C extension built from worker/_kernels.c (absent where it could not be built).
+
+def add_bf16(weight: int, delta: int, out: int, count: int) -> bool: ...
