@@ -25,7 +25,7 @@ COPY migrations ./migrations
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install ".[all]" \
-    && python -c "import worker._kernels" \
+    && cd / && python -c "from worker import engine; assert engine.kernels, 'C kernels not built'" \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 

@@ -4,6 +4,8 @@
 them and worker/engine.py does the same arithmetic with torch ops (slower, same bytes).
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -11,7 +13,8 @@ setup(
         Extension(
             "worker._kernels",
             sources=["worker/_kernels.c"],
-            extra_compile_args=["-O3"],
+            # MSVC (Windows) optimises with /O2, which Python's own build flags already give.
+            extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
             optional=True,
         )
     ]

@@ -289,6 +289,28 @@ def test_a_refusal_after_direct_writes_goes_on_buffered_keeping_them(
     assert (tmp_path / "shard").read_bytes() == data
 
 
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_failed_write_is_raised_unless_the_shard_is_being_thrown_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, complete: bool
+) -> None:
+    """The flusher's error reaches the writer at close; but when the merge already stopped (an
+    error elsewhere, or a cancel), that error is the one to report, not the discarded file's."""
+    handle = engine._ShardFile(tmp_path / "shard", _staging(8192))
+
+    def no_space(view: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(handle, "_flush", no_space)
+    handle.write(bytes(4096))  # a full half: handed to the flusher, whose write fails
+    if complete:
+        with pytest.raises(OSError, match="No space left"):
+            handle.close()
+    else:
+        handle.close(complete=False)
+    assert handle._fd == -1
+    assert not merge_stages()
+
+
 def test_a_failing_buffered_reopen_leaves_no_descriptor_to_close_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,7 +41,7 @@
 #endif
 
 FOR_EACH_CPU
-static int add_bf16_loop(const uint16_t *weight, const float *restrict delta, uint16_t *out,
+static int add_bf16_loop(const uint16_t *weight, const float *delta, uint16_t *out,
                          size_t count) {
     uint32_t non_finite = 0;
     IGNORE_OVERLAP

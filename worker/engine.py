@@ -631,8 +631,14 @@ class _ShardFile:
         """Write what is left (padded to a whole block if direct, then cut back) and close the
         file; an incomplete one (the merge failed or was cancelled) is closed as it is."""
         try:
+            if not complete:
+                # The error (or cancel) that stopped the merge is the one to report, not a failed
+                # write of a file that is thrown away.
+                with contextlib.suppress(Exception):
+                    self._wait()
+                return
             self._wait()
-            if complete and self._fill:
+            if self._fill:
                 half = self._halves[self._current]
                 length = self._fill
                 if self.direct:
