@@ -981,19 +981,15 @@ class _Pipeline:
             if magnitude is not None:  # DoRA: rows rescaled to the trained magnitude
                 norm = torch.linalg.norm(merged, dim=1)
                 merged = (magnitude[start:stop] / norm).view(-1, 1) * merged
-            _check_finite(merged, plan.key)
-            # A finite float32 can round to inf in a 16-bit dtype (the C kernel checks that too),
-            # so the rounded block is checked again, where it was rounded.
-            half = target.dtype in (torch.float16, torch.bfloat16)
-            if merged.device != target.device:  # rounded on the GPU, then copied back
+            # Checked once, rounded to the output dtype: a NaN or inf stays one, and a finite
+            # float32 can also round to inf in a 16-bit dtype (as the C kernel checks).
+            if merged.device != target.device:  # a GPU merge: rounded and checked there
                 merged = merged.to(target.dtype)
-                if half:
-                    _check_finite(merged, plan.key)
+                _check_finite(merged, plan.key)
                 target[start:stop].copy_(merged)
             else:
                 target[start:stop].copy_(merged)
-                if half:
-                    _check_finite(target[start:stop], plan.key)
+                _check_finite(target[start:stop], plan.key)
 
     def _workspaces(self, elements: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two float32 scratch blocks on the device, grown on demand and reused."""
