@@ -252,6 +252,18 @@ class MergeJob(SQLModel, table=True):
     )
 
 
+class MergeWorker(SQLModel, table=True):
+    """A merge worker the registry has heard from: every claim (a job or none) and heartbeat
+    records when, so a request that no worker picks up can say so (`lora-reg merge --wait`)."""
+
+    __tablename__ = "merge_workers"
+
+    name: str = Field(primary_key=True, max_length=200)  # ClaimRequest.worker
+    token: str | None = Field(default=None, max_length=200)  # the token it last called with
+    device: str | None = Field(default=None, max_length=200)
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
 class MergedArtifact(SQLModel, table=True):
     """A merged checkpoint: lineage (adapter digest + base revision + options) -> its files.
 

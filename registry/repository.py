@@ -30,6 +30,28 @@ def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, 
     return len(session.execute(statement.returning(*table.primary_key.columns)).all())
 
 
+def upsert(
+    session: Session, model: type[SQLModel], row: dict[str, Any], update: tuple[str, ...]
+) -> None:
+    """INSERT ... ON CONFLICT (primary key) DO UPDATE of the `update` columns, on both
+    databases."""
+    table = model.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    insert: Any
+    if dialect == "postgresql":
+        insert = postgresql.insert(table)
+    elif dialect == "sqlite":
+        insert = sqlite.insert(table)
+    else:  # pragma: no cover - only the two supported databases reach here
+        raise NotImplementedError(dialect)
+    statement = insert.values(row)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(table.primary_key.columns),
+        set_={name: statement.excluded[name] for name in update},
+    )
+    session.execute(statement)
+
+
 def _postgres(session: Session) -> bool:
     return bool(session.get_bind().dialect.name == "postgresql")
 

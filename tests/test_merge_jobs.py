@@ -437,6 +437,34 @@ def test_a_failed_merge_keeps_its_error(client: Registry, adapter_ref: str) -> N
     assert event.details["error"]["code"] == "non_finite"
 
 
+def _workers(server: RunningServer) -> dict[str, dict[str, object]]:
+    answer = httpx.get(
+        f"{server.url}/api/v1/merges/workers",
+        headers={"Authorization": f"Bearer {server.token}"} if server.token else {},
+    )
+    answer.raise_for_status()
+    return {worker["name"]: worker for worker in answer.json()["items"]}
+
+
+def test_the_registry_records_every_worker_that_calls_in(
+    client: Registry, merge_server: RunningServer, adapter_ref: str
+) -> None:
+    idle, busy = unique("idle-worker"), unique("busy-worker")
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    assert client.claim_job(idle, device="cuda:0") is None  # nothing queued: still seen
+    job = client.request_merge(adapter_ref)
+    claim_only(client, busy, job)
+    workers = _workers(merge_server)
+    assert workers[idle]["running"] == 0 and workers[idle]["device"] == "cuda:0"
+    assert workers[busy]["running"] == 1 and workers[busy]["device"] == "cpu"
+    seen = datetime.fromisoformat(str(workers[busy]["last_seen"]))
+    assert seen >= before
+    time.sleep(0.05)
+    client.heartbeat(job.id, busy, None)
+    assert datetime.fromisoformat(str(_workers(merge_server)[busy]["last_seen"])) > seen
+    client.cancel_job(job.id)
+
+
 def wait_for_claim(client: Registry, worker: str, deadline_s: float = 60) -> JobOut:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:

@@ -134,6 +134,24 @@ def parse_allowed_target(text: str) -> Target:
     return parse_target(text)
 
 
+def parse_s3_location(text: str) -> Target:
+    """`s3://bucket/prefix` in the one form that places a user names are compared in (allow-lists,
+    the registry's own storage) and then read at: empty and '.' parts of the prefix are dropped,
+    so `s3://b//p/./q/` is `s3://b/p/q`. Raises ValueError for a bad bucket name, a '..' part or a
+    control character."""
+    if not text.startswith("s3://"):
+        raise ValueError(f"{text!r} is not an s3://bucket/prefix URL")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(f"{text!r} contains a control character")
+    bucket, _, prefix = text[len("s3://") :].partition("/")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ValueError(f"{text!r}: {bucket!r} is not an S3 bucket name")
+    parts = [part for part in prefix.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{text!r}: the prefix has '..' parts")
+    return Target(kind="s3", bucket=bucket, prefix="/".join(parts))
+
+
 def target_within(target: Target, allowed: Target) -> bool:
     """Whether `target` is `allowed` or lies below it: a folder inside the folder, a prefix
     inside the bucket's prefix, the same Hub repo (any branch unless `allowed` names one) or any
@@ -255,6 +273,15 @@ class JobOut(BaseModel):
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+
+class WorkerOut(BaseModel):
+    """A merge worker the registry has heard from (a claim or a heartbeat)."""
+
+    name: str
+    device: str | None = None
+    last_seen: datetime
+    running: int  # jobs it holds now
 
 
 class ClaimRequest(BaseModel):

@@ -19,6 +19,7 @@ from registry.core.jobs import (
     HeartbeatRequest,
     JobOut,
     MergeRequest,
+    WorkerOut,
 )
 from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
@@ -74,6 +75,13 @@ def claim(session: SessionDep, caller: WorkerAccess, request: ClaimRequest) -> C
     if claimed is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return claimed
+
+
+@router.get("/workers", response_model=Page[WorkerOut], dependencies=[READ])
+def list_workers(session: ReadSessionDep, limit: Limit = 50, offset: Offset = 0) -> Page[WorkerOut]:
+    """Merge workers that called in (claim or heartbeat), most recently seen first: a queued
+    job waits for one of them."""
+    return service.list_workers(session, limit=limit, offset=offset)
 
 
 @router.get("/artifacts/{digest}", response_model=ArtifactOut, dependencies=[READ])

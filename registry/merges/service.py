@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from registry.adapters import service as adapters
@@ -49,6 +50,7 @@ from registry.core.jobs import (
     MergeOptions,
     MergeRequest,
     Progress,
+    WorkerOut,
     memo_key,
     parse_artifact_digest,
     parse_target,
@@ -64,11 +66,19 @@ from registry.models import (
     MergedArtifact,
     MergedArtifactFile,
     MergeJob,
+    MergeWorker,
     VersionFile,
     as_utc,
     utcnow,
 )
-from registry.repository import count, db_time, for_update, insert_ignore, skip_locked
+from registry.repository import (
+    count,
+    db_time,
+    for_update,
+    insert_ignore,
+    skip_locked,
+    upsert,
+)
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
@@ -383,6 +393,7 @@ def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> in
 def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim | None:
     """Give the oldest queued job to `request.worker` with a lease; None when there is none."""
     now = utcnow()
+    _seen(session, request.worker, actor, request.device, now)
     expire_leases(session, now, actor)
     statement = (
         select(MergeJob)
@@ -424,6 +435,7 @@ def heartbeat(
     job = _get_job(session, job_id, lock=True)
     _check_holder(job, request.worker, token)
     now = utcnow()
+    _seen(session, request.worker, token, job.device, now)
     expires = now + timedelta(seconds=job.lease_s)
     job.heartbeat_at, job.lease_expires_at = now, expires
     if request.progress is not None:
@@ -431,6 +443,44 @@ def heartbeat(
     session.add(job)
     session.flush()
     return HeartbeatOut(cancel_requested=job.cancel_requested, lease_expires_at=expires)
+
+
+def _seen(
+    session: Session, worker: str, token: str | None, device: str | None, now: datetime
+) -> None:
+    """Record that `worker` called in (claim or heartbeat)."""
+    row = {"name": worker, "token": token, "device": device, "last_seen_at": now}
+    upsert(session, MergeWorker, row, update=("token", "device", "last_seen_at"))
+
+
+def list_workers(session: Session, *, limit: int, offset: int) -> Page[WorkerOut]:
+    """Workers the registry has heard from, most recently seen first, with the jobs each runs."""
+    query: Any = select(MergeWorker)
+    total = count(session, query)
+    rows = session.exec(
+        query.order_by(col(MergeWorker.last_seen_at).desc(), col(MergeWorker.name))
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    running: dict[str, int] = {}
+    if rows:
+        statement: Any = (
+            select(MergeJob.worker, sa.func.count())
+            .where(MergeJob.status == "running")
+            .where(col(MergeJob.worker).in_([row.name for row in rows]))
+            .group_by(MergeJob.worker)
+        )
+        running = {name: int(n) for name, n in session.exec(statement).all()}
+    items = [
+        WorkerOut(
+            name=row.name,
+            device=row.device,
+            last_seen=as_utc(row.last_seen_at),
+            running=running.get(row.name, 0),
+        )
+        for row in rows
+    ]
+    return make_page(items, total, limit, offset)
 
 
 def merged_entries(files: list[FileSpec], settings: Settings) -> list[FileEntry]:
