@@ -3,8 +3,10 @@
 A matrix of real PEFT adapters (Llama, Qwen2, Mistral, GPT-2 with Conv1D and tied embeddings,
 BERT; q/v, all-linear, rank/alpha patterns, rsLoRA, DoRA, embedding LoRA, modules_to_save,
 lora_bias, bias) is checked from headers alone and loaded with `PeftModel` onto the same base
-(`tests/support/oracle.py`); the two verdicts must agree. The same adapters against bases of
-another width must fail, with shape errors, in both.
+(`tests/support/oracle.py`); the two verdicts must agree, and the scale the checker reports per
+module must be the one PEFT applies. The same adapters against bases of another width must fail,
+with shape errors, in both; so must an adapter on a base with another number of key/value heads
+(GQA), where only k_proj/v_proj's lora_B differ: both name the same tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from cli.bases import folder_signature, local_check
-from tests.support.oracle import peft_load_report
+from tests.support.oracle import peft_load_report, peft_scalings
 
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
 CASES: list[tuple[str, str, dict[str, Any]]] = [
@@ -94,6 +96,21 @@ def test_checker_agrees_with_peft_on_the_adapters_own_base(
 
 
 @MATRIX
+def test_checker_reports_the_scale_peft_applies_to_every_module(
+    arch: str,
+    options: dict[str, Any],
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    """rsLoRA (alpha/sqrt(r)) and rank/alpha patterns included: the merge uses this scale."""
+    adapter = adapter_dir(arch, **options)
+    base = base_dir(arch, **_base_options(options))
+    report, _ = local_check(adapter, folder_signature(base).signature)
+    reported = {row.module: row.scale for row in report.modules}
+    assert reported == peft_scalings(base, adapter)
+
+
+@MATRIX
 def test_checker_and_peft_both_refuse_a_base_of_another_width(
     arch: str,
     options: dict[str, Any],
@@ -109,6 +126,38 @@ def test_checker_and_peft_both_refuse_a_base_of_another_width(
     assert not report.compatible
     assert {e.code for e in report.errors} <= {"shape_mismatch", "resized_vocabulary"}
     assert "shape_mismatch" in {e.code for e in report.errors}
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+@pytest.mark.parametrize("arch", LLAMA_LIKE)
+def test_checker_and_peft_refuse_the_same_lora_b_on_a_base_with_other_kv_heads(
+    arch: str,
+    kv_heads: int,
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    """GQA: trained with 2 key/value heads (k_proj/v_proj out = 2 x head_dim), put on a base
+    identical but for num_key_value_heads. Only k/v's out_features change, so lora_A (r, hidden)
+    still fits everywhere and lora_B alone tells: a checker that skipped lora_B would pass it."""
+    adapter = adapter_dir(arch, target_modules=ATTENTION)
+    own = base_dir(arch)
+    assert peft_load_report(own, adapter).clean
+    assert local_check(adapter, folder_signature(own).signature)[0].compatible
+
+    base = base_dir(arch, num_key_value_heads=kv_heads)
+    report, _ = local_check(adapter, folder_signature(base).signature)
+    outcome = peft_load_report(base, adapter)
+    kv = [f"model.layers.{i}.self_attn.{leaf}" for i in (0, 1) for leaf in ("k_proj", "v_proj")]
+    assert outcome.size_mismatches == sorted(f"base_model.model.{m}.lora_B.weight" for m in kv), (
+        outcome.reason
+    )
+    assert not outcome.clean
+    assert not report.compatible
+    assert {(e.code, e.module) for e in report.errors} == {("shape_mismatch", m) for m in kv}
+    assert sorted(row.module for row in report.modules if not row.ok) == kv
 
 
 def _rewrite(adapter: Path, to: Path, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> Path:

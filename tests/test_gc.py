@@ -1,5 +1,6 @@
-"""Garbage collection of unreferenced blobs: what it deletes, what it keeps, and that pushes
-running at the same time never lose a referenced blob (SQLite + folder, PostgreSQL + S3)."""
+"""Garbage collection of unreferenced blobs: what it deletes, what it keeps (the files of
+versions, stored bases and merged artifacts), and that pushes running at the same time never lose
+a referenced blob (SQLite + folder, PostgreSQL + S3)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import httpx
 
 from cli.client import Registry
 from registry.core.errors import BlobMissing, RegistryError, Unavailable
-from tests.conftest import RunningServer, unique_name
+from registry.core.jobs import JobResult
+from registry.core.manifest import FileEntry
+from registry.core.schemas import FileSpec
+from tests.conftest import RunningServer, unique, unique_name
 
 
 def unique_copy(source: Path, to: Path) -> Path:
@@ -64,6 +68,51 @@ def test_gc_deletes_only_unreferenced_blobs(
         assert blob_exists(server, file.sha256), file.path
     assert client.gc(older_than_s=0).deleted == 0
     assert client.audit(action="gc").items
+
+
+def merge_by_hand(client: Registry, ref: str, folder: Path) -> list[FileEntry]:
+    """Play the worker for a merge of `ref` into the registry: claim the job, upload an output of
+    fresh bytes (no version or base has them), finish. Returns the artifact's files."""
+    job = client.request_merge(ref)
+    try:
+        claim = client.claim_job("gc-test-worker", device="cpu")
+        # The shared servers run no worker, and nothing else leaves merges queued on them.
+        assert claim is not None and claim.job.id == job.id, claim
+        folder.mkdir(parents=True)
+        entries = []
+        for path in ("model.safetensors", "config.json"):
+            data = uuid.uuid4().bytes * 64
+            (folder / path).write_bytes(data)
+            entries.append(FileEntry(path, len(data), hashlib.sha256(data).hexdigest()))
+        client.upload_merged(job.id, folder, entries, worker="gc-test-worker")
+        files = [FileSpec(path=e.path, size=e.size, sha256=e.sha256) for e in entries]
+        result = JobResult(location="registry", files=files, size=sum(e.size for e in entries))
+        done = client.finish_job(job.id, "gc-test-worker", "succeeded", result=result)
+        assert done.status == "succeeded" and done.result and done.result.artifact, done
+    finally:
+        if client.job(job.id).status in ("queued", "running"):
+            client.cancel_job(job.id)
+    return entries
+
+
+def test_gc_keeps_blobs_that_only_a_merged_artifact_references(
+    client: Registry,
+    server: RunningServer,
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    base = f"{unique('org')}/tiny@v1"
+    client.add_base(base, base_dir("llama"))  # registered, not stored: it brings no blobs
+    name = unique_name()
+    client.push(adapter_dir("llama"), name, base=base)
+    merged = merge_by_hand(client, f"{name}@1", tmp_path / "merged")
+    orphan = upload_without_commit(client, uuid.uuid4().hex.encode())
+
+    done = client.gc(older_than_s=0)
+    assert done.deleted >= 1 and not blob_exists(server, orphan)  # gc did collect
+    for entry in merged:
+        assert blob_exists(server, entry.sha256), entry.path
 
 
 def test_gc_during_pushes_loses_no_referenced_blob(

@@ -34,15 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Plain imports, not importorskip: without torch, transformers or PEFT this module must fail to
+# collect, not skip, or CI would drop the comparison with PEFT without a word. The oracle imports
+# peft and transformers lazily, so they are imported here for that alone.
+import peft  # noqa: F401
 import pytest
+import torch
+import transformers  # noqa: F401
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
-
-from registry.core.errors import Incompatible, NonFiniteResult  # noqa: E402
-from tests.support.crafting import copy_folder, rewrite_tensors  # noqa: E402
-from tests.support.merge_oracle import (  # noqa: E402
+from registry.core.errors import Incompatible, NonFiniteResult
+from tests.support.crafting import copy_folder, rewrite_tensors
+from tests.support.merge_oracle import (
     checkpoint_state,
     forward,
     load_merged_folder,
@@ -52,9 +54,9 @@ from tests.support.merge_oracle import (  # noqa: E402
     train_adapter,
     ulp_distance,
 )
-from tests.support.merging import folder_bytes  # noqa: E402
-from worker import engine  # noqa: E402
-from worker.engine import MergeOptions, MergeResult, merge  # noqa: E402
+from tests.support.merging import folder_bytes
+from worker import engine
+from worker.engine import MergeOptions, MergeResult, merge
 
 CPU = MergeOptions(device="cpu")
 UNTIE = MergeOptions(untie=True, device="cpu")

@@ -15,6 +15,7 @@ architecture are the controls: no errors and no warnings, so each test can fail 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -652,6 +653,89 @@ def test_rank_pattern_is_resolved_per_module(lab: Lab) -> None:
     assert "rank 6 (rank_pattern['q_proj'])" in f.message and "rank 8" in f.message
     rows = {row.module: row for row in report.modules}
     assert rows[V0].ok and rows[V0].rank == 4 and not rows[Q0].ok
+
+
+def layers(*leaves: str) -> list[str]:
+    """Both layers' modules with these leaves, e.g. layers("self_attn.k_proj")."""
+    return [f"model.layers.{i}.{leaf}" for i in (0, 1) for leaf in leaves]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_a_base_with_other_kv_heads_refuses_only_k_and_v_lora_b(lab: Lab, kv_heads: int) -> None:
+    """GQA: trained with num_key_value_heads=2, so k_proj/v_proj are (2 x 16, 64); a base that
+    differs only in num_key_value_heads changes their out_features alone. lora_A (r, 64) still
+    fits, so only the lora_B comparison can refuse it (every wider-base case changes both)."""
+    adapter = lab.adapter(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert check(adapter, lab.base()).compatible  # the control: its own base
+    report = check(adapter, lab.base(num_key_value_heads=kv_heads))
+    kv = layers("self_attn.k_proj", "self_attn.v_proj")
+    assert {(f.code, f.module) for f in report.errors} == {("shape_mismatch", m) for m in kv}, (
+        summary(report)
+    )
+    assert report.warnings == [], summary(report)
+    rows = {row.module: row for row in report.modules}
+    out = kv_heads * 16
+    for module in kv:
+        row = rows[module]
+        assert not row.ok
+        assert row.base_shape == [out, 64]
+        assert row.lora_a == [4, 64]  # fits: in_features did not change
+        assert row.lora_b == [32, 4]  # does not: out_features = kv heads x head_dim
+        f = finding(report, "shape_mismatch", module)
+        assert f"expected lora_A [4, 64], lora_B [{out}, 4]" in f.message, f.message
+        assert "transposed" not in f.message
+    assert all(row.ok for name, row in rows.items() if name not in kv)
+
+
+PATTERNS = {
+    "target_modules": ["q_proj", "v_proj", "down_proj"],
+    "rank_pattern": {"q_proj": 8, "layers.1.mlp.down_proj": 2},
+    "alpha_pattern": {"v_proj": 32, "down_proj": 3},
+}
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "expected"),
+    [
+        pytest.param(
+            "qwen2",
+            {"use_rslora": True, "r": 8, "lora_alpha": 16},
+            {m: (8, 16, 16 / math.sqrt(8)) for m in layers("self_attn.q_proj", "self_attn.v_proj")},
+            id="rslora",
+        ),
+        pytest.param(
+            "llama",
+            PATTERNS,  # r=4, lora_alpha=8 otherwise
+            {
+                **{m: (8, 8, 8 / 8) for m in layers("self_attn.q_proj")},
+                **{m: (4, 32, 32 / 4) for m in layers("self_attn.v_proj")},
+                "model.layers.0.mlp.down_proj": (4, 3, 3 / 4),
+                "model.layers.1.mlp.down_proj": (2, 3, 3 / 2),
+            },
+            id="rank-alpha-patterns",
+        ),
+        pytest.param(
+            "llama",
+            {**PATTERNS, "use_rslora": True},
+            {
+                **{m: (8, 8, 8 / math.sqrt(8)) for m in layers("self_attn.q_proj")},
+                **{m: (4, 32, 32 / math.sqrt(4)) for m in layers("self_attn.v_proj")},
+                "model.layers.0.mlp.down_proj": (4, 3, 3 / math.sqrt(4)),
+                "model.layers.1.mlp.down_proj": (2, 3, 3 / math.sqrt(2)),
+            },
+            id="rslora-with-patterns",
+        ),
+    ],
+)
+def test_the_report_gives_each_modules_own_rank_alpha_and_scale(
+    lab: Lab, arch: str, options: dict[str, Any], expected: dict[str, tuple[int, int, float]]
+) -> None:
+    """Scale = alpha_M / r_M, or alpha_M / sqrt(r_M) with rsLoRA, per module (the merge applies
+    it; tests/test_compat_oracle.py holds it to PEFT's own LoraLayer.scaling)."""
+    report = check(lab.adapter(arch, **options), lab.base(arch))
+    assert report.compatible, summary(report)
+    got = {row.module: (row.rank, row.alpha, row.scale) for row in report.modules}
+    assert got == expected
 
 
 def test_module_not_found_lists_the_checkpoint_names_tried(lab: Lab) -> None:

@@ -18,6 +18,8 @@ raises ``KeyError``); they are checked here first so they show up as missing key
 missing adapter keys and no unexpected keys (tensors in the file that PEFT had nowhere to put).
 Warnings raised by transformers or PEFT while loading are recorded, never raised (the suite runs
 with ``-W error``), and are quoted in ``reason``; they do not by themselves make a load unclean.
+Size mismatches (the adapter was trained on a base of another shape) are listed per tensor.
+``peft_scalings`` gives the scale PEFT applies per module, to hold the checker's reported scale to.
 Everything is read from the two local folders; nothing touches the network.
 """
 
@@ -26,19 +28,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadOutcome", "peft_load_report"]
+__all__ = ["LoadOutcome", "peft_load_report", "peft_scalings"]
 
 ADAPTER_NAME = "default"
 _SHOWN_KEYS = 5
 # Noise from the installed versions, not about the adapter: PEFT 0.21 calls a transformers 5
 # property deprecated in favour of is_activation_checkpointing.
 _IGNORED_WARNINGS = ("is_gradient_checkpointing",)
+# One line per tensor in torch's load_state_dict error: "size mismatch for <model key>: ...".
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+?):")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class LoadOutcome:
     reason: str
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    # Tensors PEFT refused because the model's parameter has another shape.
+    size_mismatches: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -116,17 +123,23 @@ def _missing_auxiliary_keys(peft_model: Any, file_keys: set[str]) -> list[str]:
     return missing
 
 
-def _load(base_dir: Path, adapter_dir: Path) -> tuple[list[str], list[str]]:
-    """Load as ``PeftModel.from_pretrained`` does; return (missing, unexpected) checkpoint keys."""
+def _base_model(base_dir: Path, adapter_dir: Path) -> Any:
+    """The base in float32, with the model class the adapter's task_type asks for."""
     import torch
     import transformers
-    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
 
     model_cls: Any = {
         "CAUSAL_LM": transformers.AutoModelForCausalLM,
         "SEQ_CLS": transformers.AutoModelForSequenceClassification,
     }.get(_task_type(adapter_dir) or "", transformers.AutoModel)
-    base = model_cls.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    return model_cls.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+
+
+def _load(base_dir: Path, adapter_dir: Path) -> tuple[list[str], list[str]]:
+    """Load as ``PeftModel.from_pretrained`` does; return (missing, unexpected) checkpoint keys."""
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
+
+    base = _base_model(base_dir, adapter_dir)
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
@@ -170,6 +183,7 @@ def peft_load_report(base_dir: Path, adapter_dir: Path) -> LoadOutcome:
         for w in caught
         if not any(text in str(w.message) for text in _IGNORED_WARNINGS)
     ]
+    mismatched = sorted(_checkpoint_key(key) for key in _SIZE_MISMATCH.findall(error or ""))
     problems = [error] if error else []
     if missing:
         problems.append(_describe("missing adapter keys", sorted(missing)))
@@ -183,4 +197,25 @@ def peft_load_report(base_dir: Path, adapter_dir: Path) -> LoadOutcome:
         reason=reason,
         missing_keys=sorted(missing),
         unexpected_keys=sorted(unexpected),
+        size_mismatches=mismatched,
     )
+
+
+def peft_scalings(base_dir: Path, adapter_dir: Path) -> dict[str, float]:
+    """The scale PEFT applies per LoRA module (``LoraLayer.scaling``: alpha/r, alpha/sqrt(r) with
+    rsLoRA, per-module values from rank_pattern / alpha_pattern), after
+    ``PeftModel.from_pretrained`` of ``adapter_dir`` onto ``base_dir``. Modules are named as in
+    adapter_model.safetensors, without ``base_model.model.``.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    with _offline(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported by peft_load_report; not this function's job
+        model = PeftModel.from_pretrained(_base_model(base_dir, adapter_dir), str(adapter_dir))
+    prefix = "base_model.model."
+    return {
+        name.removeprefix(prefix): float(module.scaling[ADAPTER_NAME])
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.scaling
+    }
