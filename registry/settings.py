@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from registry.core.errors import InvalidTarget
-from registry.core.jobs import Target, parse_allowed_target
+from registry.core.jobs import Target, parse_allowed_target, parse_s3_location
 from registry.core.manifest import DEFAULT_MAX_FILES, DEFAULT_MAX_VERSION_BYTES
 from registry.core.names import ALIAS_RE
 
@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # dir:/path or s3://bucket/prefix covers what lies below it, hub:org/* every repo of an org).
     # Workers publish with their own credentials, so by default only admins pick other targets.
     merge_targets: str = ""
+    # Where write tokens may have the server read a base (`base add --from s3://...`), comma-
+    # separated s3://bucket/prefix entries, each covering what lies below it. The server reads
+    # with its own credentials and any read token then sees the config.json, so by default only
+    # admins name S3 sources; bases the client reads itself (a folder, the Hub) need no entry.
+    base_sources: str = ""
     # Where the first start writes the bootstrap admin token (mode 0600).
     bootstrap_token_file: Path = DEFAULT_HOME / "admin-token"
 
@@ -114,6 +119,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"LORA_REG_MERGE_TARGETS: {exc.message}") from None
         return value
 
+    @field_validator("base_sources")
+    @classmethod
+    def _base_sources(cls, value: str) -> str:
+        for text in _items(value):
+            try:
+                parse_s3_location(text)
+            except ValueError as exc:
+                raise ValueError(
+                    f"LORA_REG_BASE_SOURCES: {exc} (use s3://bucket/prefix entries)"
+                ) from None
+        return value
+
     @property
     def protected_alias_names(self) -> frozenset[str]:
         return frozenset(_items(self.protected_aliases))
@@ -121,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def merge_target_list(self) -> list[Target]:
         return [parse_allowed_target(text) for text in _items(self.merge_targets)]
+
+    @property
+    def base_source_list(self) -> list[Target]:
+        return [parse_s3_location(text) for text in _items(self.base_sources)]
 
     @property
     def is_sqlite(self) -> bool:

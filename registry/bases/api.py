@@ -40,7 +40,9 @@ def register_base(
     request: BaseRegisterRequest,
     response: Response,
 ) -> BaseOut:
-    """Register a base from an S3 prefix, uploaded files, or a signature the client read."""
+    """Register a base from an S3 prefix (write tokens: inside LORA_REG_BASE_SOURCES), uploaded
+    files, or a signature the client read."""
+    service.check_base_source(settings, caller.scope, caller.name, request)
     base = service.register_base(session, store, settings, request, caller.name)
     if not base.created:
         response.status_code = status.HTTP_200_OK

@@ -1,5 +1,6 @@
 """Base models: registration (from an S3 prefix, stored blobs, or a signature a client read),
-look-up by `id[@revision]`, listings.
+look-up by `id[@revision]`, listings, and who may have the server read an S3 source
+(`check_base_source`, called by the api before `register_base`).
 
 Called by `registry.bases.api` and by the adapter service (compatibility checks) inside the
 request transaction; flushes, never commits. Reads from storage (headers only) happen before the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+from urllib.parse import urlparse
 
 from sqlmodel import Session, col, select
 
@@ -23,7 +25,9 @@ from registry.core.errors import (
     BlobNotFound,
     Conflict,
     InvalidBase,
+    NotPermitted,
 )
+from registry.core.jobs import Target, parse_s3_location, target_within
 from registry.core.manifest import FileEntry, check_manifest
 from registry.core.names import BaseModelId, parse_base
 from registry.core.safetensors_header import DTYPE_BITS
@@ -32,6 +36,7 @@ from registry.core.schemas import (
     BaseRegisterRequest,
     FileSpec,
     Page,
+    Scope,
     UploadPlan,
     VersionFileOut,
     make_page,
@@ -64,6 +69,47 @@ def plan_upload(
     return blobs.plan_upload(session, store, settings, base_entries(files, settings))
 
 
+def _server_read(request: BaseRegisterRequest) -> Target | None:
+    """Where the server itself reads the base (an s3:// source), normalised; None when the client
+    read it (a folder, the Hub) or uploaded its files (then `source` is not read at all)."""
+    if request.files or not request.source.startswith("s3://"):
+        return None
+    try:
+        return parse_s3_location(request.source)
+    except ValueError as exc:
+        raise InvalidBase(f"invalid base source: {exc}", source=request.source[:200]) from None
+
+
+def check_base_source(
+    settings: Settings, scope: Scope, name: str | None, request: BaseRegisterRequest
+) -> None:
+    """The server reads an s3:// source with its own credentials, and every read token then gets
+    its config.json back: a write token may name only places inside LORA_REG_BASE_SOURCES;
+    admins anywhere. Sources the client reads itself need no permission."""
+    location = _server_read(request)
+    if location is None or scope == "admin":
+        return
+    if any(target_within(location, allowed) for allowed in settings.base_source_list):
+        return
+    raise NotPermitted(
+        f"token {name!r} (scope {scope}) may not have the server read {location}: write tokens "
+        f"may name only S3 sources inside LORA_REG_BASE_SOURCES ({settings.base_sources or 'none'}"
+        "); register from a copy the client reads (--from DIR [--upload], or --from hf), or ask "
+        "an admin to register it or to add its bucket/prefix to LORA_REG_BASE_SOURCES",
+        source=str(location),
+    )
+
+
+def _own_storage(settings: Settings) -> Target | None:
+    """The registry's own bucket/prefix, normalised like a source (None for a folder store)."""
+    if not settings.storage_url.startswith("s3://"):
+        return None
+    try:
+        return parse_s3_location(settings.storage_url)
+    except ValueError:  # a prefix this cannot place: keep sources out of the whole bucket
+        return Target(kind="s3", bucket=urlparse(settings.storage_url).netloc, prefix="")
+
+
 def _signature(
     store: ObjectStore, settings: Settings, request: BaseRegisterRequest
 ) -> tuple[BaseSignature, str, list[FileEntry]]:
@@ -83,21 +129,20 @@ def _signature(
                 "does this) and register again"
             ) from None
         return signature, "registry", entries
-    if request.source.startswith("s3://"):
+    location = _server_read(request)
+    if location is not None:
         from registry.storage.s3 import S3Folder
 
-        own = settings.storage_url.rstrip("/") + "/"
-        if (request.source.rstrip("/") + "/").startswith(own) or own.startswith(
-            request.source.rstrip("/") + "/"
-        ):
+        own = _own_storage(settings)
+        if own is not None and (target_within(location, own) or target_within(own, location)):
             raise InvalidBase(
                 f"{request.source} is inside the registry's own storage ({settings.storage_url}); "
                 "point --from at where the checkpoint was uploaded"
             )
-
-        folder = S3Folder(request.source)
+        # Read exactly what was checked, and record it in that form.
+        folder = S3Folder(str(location))
         signature, _ = read_signature(folder.files(), folder.read)
-        return signature, request.source, []
+        return signature, str(location), []
     if not request.source.startswith(CLIENT_SOURCES):
         raise InvalidBase(
             f"unknown base source {request.source!r}: use s3://bucket/prefix, or let the client "

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
-from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -404,12 +403,14 @@ class S3Folder:
     max_objects = 10_000
 
     def __init__(self, url: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
+        # Split, not urlparse: '?' and '#' are key characters here, and the caller checked this
+        # very text (bucket, then everything after the first '/') against its allow-list.
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        if not url.startswith("s3://") or not bucket:
             raise InvalidBase(f"{url!r} is not an s3://bucket/prefix URL")
         self.url = url
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
         self.client, _ = make_clients()
         self.bytes_read = 0
 
@@ -423,14 +424,24 @@ class S3Folder:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=start
             )
-            for page in pages:
-                for item in page.get("Contents", []):
-                    found[item["Key"][len(start) :]] = int(item["Size"])
-                if len(found) > self.max_objects:
+            try:
+                for page in pages:
+                    for item in page.get("Contents", []):
+                        found[item["Key"][len(start) :]] = int(item["Size"])
+                    if len(found) > self.max_objects:
+                        raise InvalidBase(
+                            f"{self.url} holds more than {self.max_objects} objects; point "
+                            "--from at the folder of one checkpoint"
+                        )
+            except ClientError as exc:
+                # A wrong name, not an outage: retrying (what 503 tells clients) cannot help.
+                if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                     raise InvalidBase(
-                        f"{self.url} holds more than {self.max_objects} objects; point --from at "
-                        "the folder of one checkpoint"
-                    )
+                        f"{self.url}: bucket {self.bucket!r} does not exist; check the name in "
+                        "--from",
+                        source=self.url,
+                    ) from exc
+                raise
         if not found:
             raise InvalidBase(f"{self.url} holds no objects; upload the checkpoint there first")
         return found
