@@ -139,3 +139,31 @@ def test_only_workers_import_torch() -> None:
 )
 def test_every_module_has_a_docstring(path: Path) -> None:
     assert ast.get_docstring(ast.parse(path.read_text())), f"{relative(path)} has no docstring"
+
+
+def test_audit_rows_are_written_only_by_the_event_recorder() -> None:
+    """Every mutation records a typed event (registry/core/events.py) through one function, so
+    the event stream and webhooks see every action under its one name."""
+    writers = []
+    for path in under("registry/"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "AuditEvent"
+            ):
+                writers.append(relative(path))
+    assert writers == ["registry/events/service.py"]
+
+
+def test_every_event_class_has_an_action_listed_in_actions() -> None:
+    from registry.core import events
+
+    classes = [
+        cls
+        for cls in vars(events).values()
+        if isinstance(cls, type) and issubclass(cls, events.Event) and "action" in vars(cls)
+    ]
+    assert len(classes) >= 20
+    assert {cls.action for cls in classes} == events.ACTIONS

@@ -110,7 +110,7 @@ def check_version(
     profile, from headers only. A plain check against its own base is recorded on the version."""
     ref = Reference(_name(namespace, name), parse_selector(selector))
     may_record = caller.scope in ("write", "admin")  # read tokens get the report, unsaved
-    return service.check_version(session, store, ref, request, caller.name, record=may_record)
+    return service.check_version(session, store, ref, request, caller.name, save=may_record)
 
 
 @router.post("/{namespace}/{name}/uploads", response_model=UploadPlan, dependencies=[WRITE])

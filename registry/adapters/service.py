@@ -18,6 +18,7 @@ from registry.aliases import service as aliases
 from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
+from registry.core import events
 from registry.core.compat import CompatReport, check_compatibility
 from registry.core.errors import (
     AdapterNotFound,
@@ -60,10 +61,10 @@ from registry.core.schemas import (
     check_strings,
     make_page,
 )
+from registry.events.service import record
 from registry.models import (
     Adapter,
     AdapterVersion,
-    AuditEvent,
     BaseModelRow,
     VersionFile,
     VersionLabel,
@@ -204,13 +205,15 @@ def commit_version(
     session.add_all(
         [VersionLabel(version_id=version.id, key=k, value=v) for k, v in labels.items()]
     )
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="version.push",
+    record(
+        session,
+        actor,
+        events.VersionPushed(
             subject=f"{name}@{version.number}",
-            details={"digest": digest, "size": version.size, "files": len(entries)},
-        )
+            digest=digest,
+            size=version.size,
+            files=len(entries),
+        ),
     )
     session.flush()
     if request.alias:
@@ -286,12 +289,12 @@ def check_version(
     ref: Reference,
     request: CheckRequest,
     actor: str | None,
-    record: bool = True,
+    save: bool = True,
 ) -> CompatReport:
     """Check a stored version against a registered base (by default its own), headers only.
 
     A plain check (no profile) against the version's own base is recorded on the version when
-    `record` (the caller may write).
+    `save` (the caller may write).
     """
     version = resolve(session, ref)
     files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
@@ -309,7 +312,7 @@ def check_version(
     # The report is recorded only against the base a push would pick for this version.
     own = bases.find_base_row(session, version.base_model_id or "", version.base_model_revision)
     if (
-        record
+        save
         and request.profile is None
         and own is not None
         and own.id == row.id
@@ -319,13 +322,12 @@ def check_version(
         version.compat_base = report.base
         version.compat_report = report.model_dump(mode="json")
         session.add(version)
-        session.add(
-            AuditEvent(
-                actor=actor,
-                action="version.check",
-                subject=f"{ref.name}@{version.number}",
-                details={"base": report.base, "status": report.status},
-            )
+        record(
+            session,
+            actor,
+            events.VersionChecked(
+                subject=f"{ref.name}@{version.number}", base=report.base, status=report.status
+            ),
         )
         session.flush()
     return report

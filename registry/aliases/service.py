@@ -15,6 +15,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.core import events
 from registry.core.errors import (
     AdapterNotFound,
     AliasNotFound,
@@ -35,6 +36,7 @@ from registry.core.schemas import (
     Page,
     make_page,
 )
+from registry.events.service import record
 from registry.models import (
     Adapter,
     AdapterVersion,
@@ -150,22 +152,20 @@ def _record(
             actor=actor,
         )
     )
-    details: dict[str, Any] = {
-        "alias": alias,
-        "previous": previous.number if previous else None,
-        "version": version.number if version else None,
-    }
-    if version is not None:
-        details["digest"] = version.digest
-    session.add(
-        AuditEvent(
-            at=at,
-            actor=actor,
-            action="alias.set" if version else "alias.remove",
-            subject=f"{_adapter_label(adapter)}@{alias}",
-            details=details,
+    subject = f"{_adapter_label(adapter)}@{alias}"
+    before = previous.number if previous else None
+    event: events.Event = (
+        events.AliasSet(
+            subject=subject,
+            alias=alias,
+            previous=before,
+            version=version.number,
+            digest=version.digest,
         )
+        if version is not None
+        else events.AliasRemoved(subject=subject, alias=alias, previous=before)
     )
+    record(session, actor, event, at=at)
 
 
 def _alias_out(adapter: Adapter, row: Alias, version: AdapterVersion) -> AliasOut:
@@ -360,13 +360,8 @@ def yank(
         )
     version.yanked_at, version.yanked_by, version.yank_reason = datetime.now(UTC), actor, reason
     session.add(version)
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="version.yank",
-            subject=label,
-            details={"digest": version.digest, "reason": reason},
-        )
+    record(
+        session, actor, events.VersionYanked(subject=label, digest=version.digest, reason=reason)
     )
     session.flush()
 

@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
+from registry.core import events
 from registry.core.basemodel import CONFIG_JSON, BaseSignature, BaseTensor, read_signature
 from registry.core.errors import (
     BaseNotFound,
@@ -41,7 +42,8 @@ from registry.core.schemas import (
     VersionFileOut,
     make_page,
 )
-from registry.models import AuditEvent, BaseModelFile, BaseModelRow, as_utc, utcnow
+from registry.events.service import record
+from registry.models import BaseModelFile, BaseModelRow, as_utc, utcnow
 from registry.repository import count, insert_ignore
 from registry.settings import Settings
 from registry.storage import ObjectStore
@@ -213,13 +215,12 @@ def register_base(
             base=str(ref),
         )
     if created:
-        session.add(
-            AuditEvent(
-                actor=actor,
-                action="base.add",
-                subject=str(ref),
-                details={"source": source, "tensors": len(tensors), "stored": bool(entries)},
-            )
+        record(
+            session,
+            actor,
+            events.BaseAdded(
+                subject=str(ref), source=source, tensors=len(tensors), stored=bool(entries)
+            ),
         )
     if entries and not row.stored:
         _attach_files(session, row, entries, actor)
@@ -236,13 +237,12 @@ def _attach_files(
     )
     row.stored = True
     session.add(row)
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="base.upload",
-            subject=_label(row),
-            details={"files": len(entries), "size": sum(e.size for e in entries)},
-        )
+    record(
+        session,
+        actor,
+        events.BaseUploaded(
+            subject=_label(row), files=len(entries), size=sum(e.size for e in entries)
+        ),
     )
     session.flush()
 

@@ -13,11 +13,12 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.core import events
 from registry.core.errors import BlobMissing, BlobNotFound, ChecksumMismatch
 from registry.core.manifest import FileEntry
 from registry.core.schemas import CompletedPart, GcOut, UploadInstruction, UploadPlan
+from registry.events.service import record
 from registry.models import (
-    AuditEvent,
     BaseModelFile,
     Blob,
     MergedArtifactFile,
@@ -194,13 +195,10 @@ def collect_garbage(
         for row in doomed:
             store.delete_blob(row.sha256)
             session.delete(row)
-        session.add(
-            AuditEvent(
-                actor=actor,
-                action="gc",
-                subject="blobs",
-                details={"deleted": len(doomed), "bytes": sum(r.size for r in doomed)},
-            )
+        record(
+            session,
+            actor,
+            events.BlobsCollected(deleted=len(doomed), bytes=sum(r.size for r in doomed)),
         )
         session.flush()
     return GcOut(

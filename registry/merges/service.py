@@ -24,6 +24,7 @@ from registry.adapters import service as adapters
 from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
+from registry.core import events
 from registry.core.errors import (
     ArtifactNotFound,
     BlobMissing,
@@ -35,6 +36,7 @@ from registry.core.errors import (
     NotPermitted,
     VersionYanked,
 )
+from registry.core.events import JobEvent
 from registry.core.jobs import (
     FINISHED,
     JOB_STATUSES,
@@ -59,10 +61,10 @@ from registry.core.manifest import FileEntry, check_manifest, manifest_digest
 from registry.core.names import BaseModelId, parse_base, parse_reference
 from registry.core.schemas import FileSpec, Page, UploadPlan, VersionFileOut, make_page
 from registry.core.tokens import LEASE_EXPIRY_ACTOR
+from registry.events.service import record
 from registry.models import (
     Adapter,
     AdapterVersion,
-    AuditEvent,
     MergedArtifact,
     MergedArtifactFile,
     MergeJob,
@@ -123,15 +125,12 @@ def job_out(job: MergeJob, *, memoized: bool = False, created: bool | None = Non
     )
 
 
-def _audit(session: Session, job: MergeJob, action: str, actor: str | None, **details: Any) -> None:
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action=action,
-            subject=job.adapter,
-            details={"job": job.id, "base": _base_label(job.base_id, job.base_revision), **details},
-        )
-    )
+def _record(
+    session: Session, job: MergeJob, actor: str | None, event: type[JobEvent], **details: Any
+) -> None:
+    """Record `event` about `job` (its subject is the job's adapter)."""
+    base = _base_label(job.base_id, job.base_revision)
+    record(session, actor, event(subject=job.adapter, job=job.id, base=base, **details))
 
 
 def _get_job(session: Session, job_id: str, *, lock: bool = False) -> MergeJob:
@@ -243,11 +242,11 @@ def request_merge(
         requested_by=actor,
     )
     session.add(job)
-    _audit(
+    _record(
         session,
         job,
-        "merge.requested",
         actor,
+        events.MergeRequested,
         target=target,
         options=job.options,
         adapter_digest=version.digest,
@@ -311,10 +310,10 @@ def cancel(session: Session, job_id: str, actor: str | None) -> JobOut:
             code="cancelled", message=f"cancelled by {actor or 'a user'}"
         ).model_dump()
         job.worker, job.claimed_by, job.lease_expires_at = None, None, None
-        _audit(session, job, "merge.cancelled", actor, was=was)
+        _record(session, job, actor, events.MergeCancelled, was=was)
     elif not job.cancel_requested:
         job.cancel_requested = True
-        _audit(session, job, "merge.cancel_requested", actor, worker=job.worker)
+        _record(session, job, actor, events.MergeCancelRequested, worker=job.worker)
     session.add(job)
     session.flush()
     return job_out(job)
@@ -345,13 +344,12 @@ def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> in
             job.error = JobError(
                 code="cancelled", message=f"cancelled; worker {worker} stopped renewing its lease"
             ).model_dump()
-            _audit(
+            _record(
                 session,
                 job,
-                "merge.cancelled",
                 actor,
+                events.MergeLeaseCancelled,
                 worker=worker,
-                reason="lease_expired",
                 noticed_by=noticed_by,
             )
         elif job.attempts >= job.max_attempts:
@@ -361,11 +359,11 @@ def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> in
                 message=f"worker {worker} stopped renewing its lease on attempt {job.attempts} "
                 f"of {job.max_attempts}; no attempts left (request the merge again)",
             ).model_dump()
-            _audit(
+            _record(
                 session,
                 job,
-                "merge.failed",
                 actor,
+                events.MergeLeaseFailed,
                 worker=worker,
                 attempts=job.attempts,
                 error=job.error,
@@ -373,11 +371,11 @@ def expire_leases(session: Session, now: datetime, noticed_by: str | None) -> in
             )
         else:
             job.status = "queued"
-            _audit(
+            _record(
                 session,
                 job,
-                "merge.requeued",
                 actor,
+                events.MergeRequeued,
                 worker=worker,
                 attempts=job.attempts,
                 noticed_by=noticed_by,
@@ -415,11 +413,11 @@ def claim(session: Session, request: ClaimRequest, actor: str | None) -> Claim |
     job.progress = None
     job.error = None
     session.add(job)
-    _audit(
+    _record(
         session,
         job,
-        "merge.started",
         actor,
+        events.MergeStarted,
         worker=request.worker,
         attempt=job.attempts,
         device=request.device,
@@ -547,7 +545,12 @@ def finish(
     job.finished_at = now
     job.lease_expires_at = None
     session.add(job)
-    _audit(session, job, f"merge.{request.status}", actor, **details)
+    finished: dict[str, type[JobEvent]] = {
+        "succeeded": events.MergeSucceeded,
+        "failed": events.MergeFailed,
+        "cancelled": events.MergeStopped,
+    }
+    _record(session, job, actor, finished[request.status], **details)
     session.flush()
     return job_out(job)
 

@@ -13,10 +13,12 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.core import events
 from registry.core.errors import Conflict, NotFound
 from registry.core.schemas import Scope, TokenCreated, TokenOut, check_token_name
 from registry.core.tokens import BOOTSTRAP_ACTOR, new_secret, secret_sha256
-from registry.models import ApiToken, AuditEvent, as_utc
+from registry.events.service import record
+from registry.models import ApiToken, as_utc
 from registry.repository import for_update
 
 BOOTSTRAP_NAME = "admin"
@@ -44,9 +46,7 @@ def create_token(session: Session, name: str, scope: Scope, actor: str | None) -
     secret = new_secret()
     row = ApiToken(name=name, scope=scope, secret_sha256=secret_sha256(secret), created_by=actor)
     session.add(row)
-    session.add(
-        AuditEvent(actor=actor, action="token.create", subject=name, details={"scope": scope})
-    )
+    record(session, actor, events.TokenCreated(subject=name, scope=scope))
     session.flush()
     return TokenCreated(**token_out(row).model_dump(), token=secret)
 
@@ -97,9 +97,7 @@ def revoke_token(session: Session, name: str, actor: str | None) -> TokenOut:
         )
     row.revoked_at, row.revoked_by = datetime.now(UTC), actor
     session.add(row)
-    session.add(
-        AuditEvent(actor=actor, action="token.revoke", subject=name, details={"scope": row.scope})
-    )
+    record(session, actor, events.TokenRevoked(subject=name, scope=row.scope))
     session.flush()
     return token_out(row)
 
