@@ -14,7 +14,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.console import JsonOpt, emit_json, out, page_footer, progress, registry, when
+from cli.console import (
+    JsonOpt,
+    emit_json,
+    emit_list,
+    escape,
+    out,
+    page_footer,
+    progress,
+    registry,
+    when,
+)
 from registry.core.errors import InvalidInput
 from registry.core.schemas import AliasOut, IdentifyOut
 
@@ -40,12 +50,12 @@ def _alias_table(items: list[AliasOut]) -> Table:
     table = Table("adapter", "alias", "version", "digest", "since", "by")
     for item in items:
         table.add_row(
-            item.adapter,
-            item.alias,
+            escape(item.adapter),
+            escape(item.alias),
             f"@{item.version}",
             item.digest[:19],
             when(item.since),
-            item.by or "-",
+            escape(item.by or "-"),
         )
     return table
 
@@ -64,7 +74,8 @@ def set_alias(
     if as_json:
         emit_json(result)
         return
-    out.print(f"{result.adapter}@{result.alias} -> @{result.version} {result.digest}")
+    target = f"{result.adapter}@{result.alias}"
+    out.print(f"{escape(target)} -> @{result.version} {result.digest}")
 
 
 @alias_app.command("rm")
@@ -75,7 +86,7 @@ def remove_alias(
     """Remove an alias (the removal stays in its history)."""
     with registry() as client:
         client.remove_alias(name, alias)
-    out.print(f"removed {name}@{alias}")
+    out.print(f"removed {escape(name)}@{escape(alias)}")
 
 
 @alias_app.command("ls")
@@ -83,11 +94,11 @@ def list_aliases(
     name: Annotated[str, typer.Argument(help="ns/name")],
     as_json: JsonOpt = False,
 ) -> None:
-    """List an adapter's aliases."""
+    """List an adapter's aliases (--json: the page shape of every list, all in one page)."""
     with registry() as client:
         items = list(client.aliases(name))
     if as_json:
-        emit_json([item.model_dump(mode="json") for item in items])
+        emit_list(items)
         return
     out.print(_alias_table(items))
 
@@ -109,10 +120,10 @@ def history(
     for move in page.items:
         table.add_row(
             move.at.isoformat(timespec="seconds"),
-            move.alias,
+            escape(move.alias),
             f"@{move.previous}" if move.previous else "-",
             f"@{move.version}" if move.version else "(removed)",
-            move.actor or "-",
+            escape(move.actor or "-"),
         )
     out.print(table)
     page_footer(page.total, page.offset, len(page.items), page.next_offset)
@@ -133,8 +144,8 @@ def resolve(
         emit_json(result)
         return
     out.print(
-        f"{result.adapter}@{result.alias} -> @{result.version} {result.digest} "
-        f"(since {result.since.isoformat(timespec='seconds')} by {result.by or '-'})"
+        f"{escape(result.adapter)}@{escape(result.alias)} -> @{result.version} {result.digest} "
+        f"(since {result.since.isoformat(timespec='seconds')} by {escape(result.by or '-')})"
     )
 
 
@@ -186,10 +197,10 @@ def audit(
     for event in page.items:
         table.add_row(
             event.at.isoformat(timespec="seconds"),
-            event.actor or "-",
-            event.action,
-            event.subject,
-            " ".join(f"{k}={v}" for k, v in sorted(event.details.items())),
+            escape(event.actor or "-"),
+            escape(event.action),
+            escape(event.subject),
+            escape(" ".join(f"{k}={v}" for k, v in sorted(event.details.items()))),
         )
     out.print(table)
     page_footer(page.total, page.offset, len(page.items), page.next_offset)
@@ -217,46 +228,58 @@ def identify(
 
 
 def _print_identity(path: str, result: IdentifyOut) -> None:
+    """Exact and single-file matches are all listed; a modified folder shows its closest version
+    (and merge) with the files that differ, and counts the other near ones (--json lists them)."""
+    where = escape(path)
     if result.status == "unknown":
-        out.print(f"{path}: [red]unknown[/red]: no registry version or merge shares a file with it")
+        out.print(
+            f"{where}: [red]unknown[/red]: no registry version or merge shares a file with it"
+        )
         return
-    for match in result.matches:
-        ref = f"{match.adapter}@{match.version}"
-        aliases = f" (aliases: {', '.join(match.aliases)})" if match.aliases else ""
+    modified = result.status == "modified"
+    for match in result.matches[:1] if modified else result.matches:
+        ref = escape(f"{match.adapter}@{match.version}")
+        aliases = f" (aliases: {escape(', '.join(match.aliases))})" if match.aliases else ""
         if match.yanked:
             aliases += " [red](yanked: must not be used)[/red]"
         lineage = " ".join(f"{k}={v}" for k, v in sorted(match.lineage.items()))
         if result.status == "exact":
-            out.print(f"{path}: [green]exactly[/green] {ref} {match.digest}{aliases}")
+            out.print(f"{where}: [green]exactly[/green] {ref} {match.digest}{aliases}")
         elif result.status == "file":
-            out.print(f"{path}: file {', '.join(match.identical)} of {ref}{aliases}")
+            out.print(f"{where}: file {escape(', '.join(match.identical))} of {ref}{aliases}")
         else:
-            out.print(f"{path}: [yellow]modified[/yellow]: closest {ref}{aliases}")
-            for label, paths in (
-                ("differ", match.differing),
-                ("missing", match.missing),
-                ("not in the version", match.extra),
-            ):
-                if paths:
-                    out.print(f"  {label}: {', '.join(paths)}")
+            out.print(f"{where}: [yellow]modified[/yellow]: closest {ref}{aliases}")
+            _print_differences(match.differing, match.missing, match.extra, "not in the version")
         if lineage:
-            out.print(f"  lineage: {lineage}")
-    for merged in result.merged:
-        what = f"the merge of {merged.adapter} into {merged.base} {merged.digest}"
-        where = "" if merged.stored else f" (published to {merged.location})"
+            out.print(f"  lineage: {escape(lineage)}")
+    if modified and len(result.matches) > 1:
+        _print_others(len(result.matches) - 1, "version")
+    for merged in result.merged[:1] if modified else result.merged:
+        what = escape(f"the merge of {merged.adapter} into {merged.base} {merged.digest}")
+        where_stored = "" if merged.stored else f" (published to {escape(merged.location)})"
         if result.status == "exact":
-            out.print(f"{path}: [green]exactly[/green] {what}{where}")
+            out.print(f"{where}: [green]exactly[/green] {what}{where_stored}")
         elif result.status == "file":
-            out.print(f"{path}: file {', '.join(merged.identical)} of {what}{where}")
+            identical = escape(", ".join(merged.identical))
+            out.print(f"{where}: file {identical} of {what}{where_stored}")
         else:
-            out.print(f"{path}: [yellow]modified[/yellow]: closest {what}{where}")
-            for label, paths in (
-                ("differ", merged.differing),
-                ("missing", merged.missing),
-                ("not in the merge", merged.extra),
-            ):
-                if paths:
-                    out.print(f"  {label}: {', '.join(paths)}")
+            out.print(f"{where}: [yellow]modified[/yellow]: closest {what}{where_stored}")
+            _print_differences(merged.differing, merged.missing, merged.extra, "not in the merge")
+    if modified and len(result.merged) > 1:
+        _print_others(len(result.merged) - 1, "merged checkpoint")
+
+
+def _print_differences(
+    differing: list[str], missing: list[str], extra: list[str], extra_label: str
+) -> None:
+    for label, paths in (("differ", differing), ("missing", missing), (extra_label, extra)):
+        if paths:
+            out.print(f"  {label}: {escape(', '.join(paths))}")
+
+
+def _print_others(count: int, kind: str) -> None:
+    plural = "s share" if count > 1 else " shares"
+    out.print(f"  and {count} other {kind}{plural} files with it (--json lists them)")
 
 
 def yank(
@@ -270,7 +293,10 @@ def yank(
     if as_json:
         emit_json(version)
         return
-    out.print(f"yanked {version.adapter}@{version.number} {version.digest}: {version.yank_reason}")
+    out.print(
+        f"yanked {escape(version.adapter)}@{version.number} {version.digest}: "
+        f"{escape(version.yank_reason or '')}"
+    )
 
 
 def gc(

@@ -14,7 +14,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.console import JsonOpt, emit_json, out, page_footer, progress, registry, size, when
+from cli.console import (
+    JsonOpt,
+    emit_json,
+    escape,
+    out,
+    page_footer,
+    progress,
+    registry,
+    size,
+    when,
+)
 from registry.core.compat import CompatReport
 from registry.core.schemas import BaseOut, parse_pairs
 
@@ -62,9 +72,10 @@ def add(
     added = result.base
     verb = "registered" if added.created else "already registered:"
     out.print(
-        f"{verb} {added.ref} ({added.model_type or '?'}, {_params(added.parameter_count)} "
-        f"parameters in {added.tensor_count} tensors, {len(added.shards)} shard(s)) from "
-        f"{added.source}" + (f"\n  uploaded {size(result.uploaded_bytes)}" if upload else "")
+        f"{verb} {escape(added.ref)} ({escape(added.model_type or '?')}, "
+        f"{_params(added.parameter_count)} parameters in {added.tensor_count} tensors, "
+        f"{len(added.shards)} shard(s)) from {escape(added.source)}"
+        + (f"\n  uploaded {size(result.uploaded_bytes)}" if upload else "")
     )
 
 
@@ -84,12 +95,12 @@ def list_bases(
     table = Table("base", "type", "parameters", "tensors", "dtypes", "weights", "registered")
     for item in page.items:
         table.add_row(
-            item.ref,
-            item.model_type or "-",
+            escape(item.ref),
+            escape(item.model_type or "-"),
             _params(item.parameter_count),
             str(item.tensor_count),
-            " ".join(f"{k}:{v}" for k, v in sorted(item.dtypes.items())),
-            "registry" if item.stored else item.source,
+            escape(" ".join(f"{k}:{v}" for k, v in sorted(item.dtypes.items()))),
+            "registry" if item.stored else escape(item.source),
             when(item.created_at),
         )
     out.print(table)
@@ -126,12 +137,14 @@ def _print_base(base: BaseOut) -> None:
     ]
     table = Table(show_header=False, box=None)
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
+        table.add_row(f"[bold]{key}[/bold]", escape(value))
     out.print(table)
     if base.tensors:
         listing = Table("tensor", "dtype", "shape", "shard")
         for name, tensor in base.tensors.items():
-            listing.add_row(name, tensor.dtype, str(tensor.shape), tensor.shard or "-")
+            listing.add_row(
+                escape(name), escape(tensor.dtype), str(tensor.shape), escape(tensor.shard or "-")
+            )
         out.print(listing)
 
 
@@ -153,7 +166,7 @@ def check(
         list[str],
         typer.Option("--option", "-O", help="Profile option key=value, e.g. max_lora_rank=64."),
     ] = [],  # noqa: B006
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check that an adapter fits a base model (and a serving engine), from headers only.
 
@@ -195,10 +208,10 @@ def print_report(report: CompatReport, subject: str) -> None:
     table = Table("module", "kind", "base tensor", "base", "A", "B", "r", "scale", "ok")
     for row in report.modules:
         table.add_row(
-            row.module,
-            row.kind + (f" +{'+'.join(row.variants)}" if row.variants else ""),
-            row.base_tensor or "-",
-            f"{row.base_dtype or ''}{row.base_shape or ''}",
+            escape(row.module),
+            escape(row.kind + (f" +{'+'.join(row.variants)}" if row.variants else "")),
+            escape(row.base_tensor or "-"),
+            escape(f"{row.base_dtype or ''}{row.base_shape or ''}"),
             str(row.lora_a),
             str(row.lora_b),
             str(row.rank),
@@ -208,20 +221,22 @@ def print_report(report: CompatReport, subject: str) -> None:
     if report.modules:
         out.print(table)
     if report.replaced:
-        out.print(f"replaces base tensors: {', '.join(report.replaced)}")
+        out.print(f"replaces base tensors: {escape(', '.join(report.replaced))}")
     print_findings(report)
     where = f" against {report.base}" if report.base else ""
     how = f" (profile {report.profile}" + (
         f" {' '.join(f'{k}={v}' for k, v in report.options.items())})" if report.options else ")"
     )
     verdict = "[green]compatible[/green]" if report.compatible else "[red]not compatible[/red]"
-    out.print(f"{subject}{where}: {verdict}{how if report.profile else ''}")
+    out.print(f"{escape(subject + where)}: {verdict}{escape(how) if report.profile else ''}")
 
 
 def print_findings(report: CompatReport, console: Console = out) -> None:
     for finding in report.errors:
-        console.print(f"[red]error[/red] {finding.code}: {finding.message}", highlight=False)
+        console.print(
+            f"[red]error[/red] {finding.code}: {escape(finding.message)}", highlight=False
+        )
     for finding in report.warnings:
         console.print(
-            f"[yellow]warning[/yellow] {finding.code}: {finding.message}", highlight=False
+            f"[yellow]warning[/yellow] {finding.code}: {escape(finding.message)}", highlight=False
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli.folders import walk_files
 from registry.core.basemodel import (
     CONFIG_JSON,
     BaseSignature,
@@ -47,12 +48,11 @@ class FolderReader:
         self.bytes_read = 0
 
     def files(self) -> dict[str, int]:
-        if not self.root.is_dir():
-            raise InvalidInput(f"{self.root} is not a directory")
+        """Relative path -> size of the files `cli.folders.walk_files` takes (links included
+        only where a push would follow them)."""
         return {
             path.relative_to(self.root).as_posix(): path.stat().st_size
-            for path in sorted(self.root.rglob("*"))
-            if path.is_file()
+            for path in walk_files(self.root)
         }
 
     def read(self, path: str, start: int, length: int) -> bytes:

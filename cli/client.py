@@ -10,7 +10,6 @@ temporary name and renames it only after its sha256 matched, through a content-a
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import random
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 
 from cli.bases import folder_signature, hub_signature, local_check
+from cli.folders import walk_files
 from cli.progress import NoProgress, Progress
 from registry.core.basemodel import BaseSignature
 from registry.core.compat import CompatReport
@@ -56,6 +56,7 @@ from registry.core.jobs import (
     JobResult,
     MergeOptions,
     MergeRequest,
+    WorkerOut,
     parse_artifact_digest,
     parse_target,
 )
@@ -155,20 +156,9 @@ def _retry(action: Callable[[], T], what: str) -> T:
 
 
 def collect_files(directory: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
-    """Regular files under `directory` (recursively), minus `exclude` globs (path or basename)."""
-    if not directory.is_dir():
-        raise InvalidInput(f"{directory} is not a directory")
-    found = []
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory).as_posix()
-        if any(
-            fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(path.name, pattern)
-            for pattern in exclude
-        ):
-            continue
-        if path.is_file():
-            found.append(path)
-    return found
+    """Regular files under `directory` (recursively), minus `exclude` globs (path or basename);
+    symbolic links only where `cli.folders.walk_files` follows them (others: `InvalidPath`)."""
+    return walk_files(directory, exclude)
 
 
 def hash_file(path: Path, progress: Progress) -> tuple[int, str]:
@@ -562,6 +552,13 @@ class Registry:
         """Cancel a queued job, or ask the worker running it to stop (it ends as cancelled)."""
         path = f"/api/v1/merges/{_job_path(job_id)}/cancel"
         return JobOut.model_validate(self._json("POST", path))
+
+    def merge_workers(self, *, limit: int = 50, offset: int = 0) -> Page[WorkerOut]:
+        """Merge workers the registry has heard from (a claim or a heartbeat), most recently
+        seen first. A server older than this call answers `NotFound`."""
+        params = {"limit": limit, "offset": offset}
+        data = self._json("GET", "/api/v1/merges/workers", params=params)
+        return Page[WorkerOut].model_validate(data)
 
     def claim_job(
         self, worker: str, *, device: str | None = None, lease_s: int = DEFAULT_LEASE_S

@@ -17,9 +17,16 @@ from rich.table import Table
 from cli.base_commands import base_app, check, print_findings
 from cli.client import DEFAULT_URL
 from cli.console import (
+    JSON_HELP,
+    QUIET_OPTION,
+    TOKEN_OPTION,
+    URL_OPTION,
+    VERBOSE_OPTION,
+    VERSION_OPTION,
     JsonOpt,
     emit_json,
     err,
+    escape,
     out,
     page_footer,
     progress,
@@ -27,43 +34,35 @@ from cli.console import (
     size,
     state,
     when,
+    with_global_options,
 )
-from registry import __version__
 from registry.core.compat import CompatReport
 from registry.core.errors import RegistryError
 from registry.core.schemas import VersionOut, parse_pairs
 
 app = typer.Typer(
     name="lora-reg",
-    help="Push, pull and browse versioned LoRA adapters.",
+    help="Push, pull and browse versioned LoRA adapters.\n\nThe options below also work after the "
+    "command: lora-reg ls --token X.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        out.print(f"lora-reg {__version__}")
-        raise typer.Exit()
-
-
 @app.callback()
 def main_options(
-    url: Annotated[
-        str, typer.Option(envvar="LORA_REG_URL", help="Registry API URL.")
-    ] = DEFAULT_URL,
-    token: Annotated[
-        str | None, typer.Option(envvar="LORA_REG_TOKEN", help="Bearer token.", show_default=False)
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    version: Annotated[
-        bool,
-        typer.Option("--version", is_eager=True, callback=_print_version, help="Show the version."),
+    url: Annotated[str, URL_OPTION] = DEFAULT_URL,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+    verbose: Annotated[bool, VERBOSE_OPTION] = False,
+    quiet: Annotated[bool, QUIET_OPTION] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help=JSON_HELP + " Same as COMMAND --json.")
     ] = False,
+    version: Annotated[bool, VERSION_OPTION] = False,
 ) -> None:
     state.url, state.token, state.verbose, state.quiet = url, token, verbose, quiet
+    state.json = as_json
 
 
 def _metrics(metrics: dict[str, float]) -> str:
@@ -152,10 +151,10 @@ def push(
     v = result.version
     verb = "pushed" if result.created else "already exists as"
     out.print(
-        f"{verb} {v.adapter}@{v.number} {v.digest}\n"
+        f"{verb} {escape(v.adapter)}@{v.number} {v.digest}\n"
         f"  uploaded {size(result.uploaded_bytes)} in {result.uploaded_files} file(s), "
         f"{size(result.skipped_bytes)} already stored\n"
-        f"  {_compat(v)}"
+        f"  {escape(_compat(v))}"
     )
 
 
@@ -200,7 +199,7 @@ def pull(
         return
     v = result.version
     out.print(
-        f"pulled {v.adapter}@{v.number} {v.digest} into {result.path}\n"
+        f"pulled {escape(v.adapter)}@{v.number} {v.digest} into {escape(str(result.path))}\n"
         f"  downloaded {size(result.downloaded_bytes)}, {size(result.cached_bytes)} from cache"
     )
 
@@ -215,7 +214,10 @@ def _pull_artifact(
     if as_json:
         emit_json({"artifact": artifact.model_dump(mode="json"), "path": str(path)})
         return
-    out.print(f"pulled {artifact.adapter} merged into {artifact.base} ({digest[:19]}) into {path}")
+    out.print(
+        f"pulled {escape(artifact.adapter)} merged into {escape(artifact.base)} ({digest[:19]}) "
+        f"into {escape(str(path))}"
+    )
 
 
 @app.command("ls")
@@ -250,12 +252,12 @@ def list_adapters(
     for item in page.items:
         latest = item.latest
         table.add_row(
-            item.name,
+            escape(item.name),
             str(item.version_count),
             f"@{latest.number}" if latest else "-",
-            _base(latest) if latest else "-",
-            (latest.compat_status or "unchecked") if latest else "",
-            _metrics(latest.metrics) if latest else "",
+            escape(_base(latest)) if latest else "-",
+            escape(latest.compat_status or "unchecked") if latest else "",
+            escape(_metrics(latest.metrics)) if latest else "",
             when(latest.created_at) if latest else "",
         )
     out.print(table)
@@ -303,11 +305,11 @@ def show(
         )
     table = Table(show_header=False, box=None)
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
+        table.add_row(f"[bold]{key}[/bold]", escape(value))
     out.print(table)
     files = Table("file", "size", "sha256")
     for file in version.files or []:
-        files.add_row(file.path, size(file.size), file.sha256[:16])
+        files.add_row(escape(file.path), size(file.size), file.sha256[:16])
     out.print(files)
     if version.compat_report:
         print_findings(version.compat_report)
@@ -334,11 +336,11 @@ def versions(
         table.add_row(
             f"@{v.number}" + (" (yanked)" if v.yanked_at else ""),
             v.digest[:19],
-            _base(v),
+            escape(_base(v)),
             str(v.r),
-            _metrics(v.metrics),
+            escape(_metrics(v.metrics)),
             when(v.created_at),
-            v.created_by or "-",
+            escape(v.created_by or "-"),
         )
     out.print(table)
     page_footer(page.total, page.offset, len(page.items), page.next_offset)
@@ -372,6 +374,17 @@ def _register_commands() -> None:
     app.add_typer(db_app, name="db")
     app.add_typer(token_app, name="token")
     app.command()(whoami)
+    _global_options_everywhere(app)
+
+
+def _global_options_everywhere(typer_app: typer.Typer) -> None:
+    """Every command (not the groups) also takes the global options after its name."""
+    for command in typer_app.registered_commands:
+        assert command.callback is not None
+        command.callback = with_global_options(command.callback)
+    for group in typer_app.registered_groups:
+        assert group.typer_instance is not None
+        _global_options_everywhere(group.typer_instance)
 
 
 _register_commands()
@@ -387,14 +400,14 @@ def main(argv: list[str] | None = None) -> None:
     except RegistryError as exc:
         if state.verbose:
             err.print_exception()
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
         if isinstance(exc.details.get("report"), dict):  # push --require-compatible
             print_findings(CompatReport.model_validate(exc.details["report"]), console=err)
         sys.exit(exc.exit_code)
     except OSError as exc:
         if state.verbose:
             err.print_exception()
-        err.print(f"[red]error[/red]: {exc}", highlight=False)
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
         sys.exit(1)
 
 

@@ -1,9 +1,10 @@
 """`lora-reg merge`, `lora-reg jobs` and `lora-reg worker`.
 
 `merge REF --base ID` queues a job on the server (a worker does the work; `--wait` follows it
-with a progress bar); `merge --local ADAPTER_DIR --base BASE_DIR -o OUT` runs the engine here,
-with no server. The engine and the worker need the `[worker]` extra (torch): they are imported
-inside the commands, so the rest of the CLI works without it.
+with a progress bar, `--timeout` gives up after a while, and a queued job whose server has heard
+from no worker lately says so once); `merge --local ADAPTER_DIR --base BASE_DIR -o OUT` runs
+the engine here, with no server. The engine and the worker need the `[worker]` extra (torch):
+they are imported inside the commands, so the rest of the CLI works without it.
 """
 
 from __future__ import annotations
@@ -14,19 +15,35 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 if TYPE_CHECKING:
+    from cli.client import Registry
     from registry.core.jobs import JobOut
     from registry.core.jobs import Progress as JobProgress
 from rich.table import Table
 
-from cli.console import JsonOpt, emit_json, err, out, page_footer, registry, size, state, when
-from registry.core.errors import InvalidInput, error_from_code
+from cli.console import (
+    JsonOpt,
+    emit_json,
+    err,
+    escape,
+    out,
+    page_footer,
+    registry,
+    size,
+    state,
+    when,
+)
+from registry.core.errors import InvalidInput, RegistryError, Unavailable, error_from_code
 from registry.core.jobs import DTYPES
+
+WORKER_RECENT = timedelta(seconds=60)  # a worker seen this recently will claim a queued job
+WORKER_CHECK_EVERY_S = 10.0
 
 DtypeOpt = Annotated[
     str | None,
@@ -73,6 +90,16 @@ def merge(
         bool, typer.Option("--force", help="Merge again even if the same merge already succeeded.")
     ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it finishes.")] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=0,
+            metavar="SECONDS",
+            help="Wait (as --wait) at most this long, then exit 7 (the job carries on).",
+            show_default=False,
+        ),
+    ] = None,
     local: Annotated[
         Path | None,
         typer.Option("--local", help="Merge this adapter folder here, with no server."),
@@ -103,9 +130,13 @@ def merge(
                 f"same merge already done by job {job.id}: returning its result (--force to redo)"
             )
         elif not as_json:
-            err.print(f"queued merge job {job.id}: {job.adapter} into {job.base} -> {job.target}")
+            err.print(
+                f"queued merge job {job.id}: "
+                + escape(f"{job.adapter} into {job.base} -> {job.target}")
+            )
+        wait = wait or timeout is not None
         if wait:
-            job = _follow(client, job)
+            job = _follow(client, job, timeout)
     if as_json:
         emit_json(job)
     else:
@@ -151,15 +182,63 @@ def _merge_bar(description: str) -> Iterator[Callable[[JobProgress, str], None]]
         bar.stop()
 
 
-def _follow(client: Any, job: JobOut) -> JobOut:
-    """Poll the job until it finishes, with a progress bar on a terminal."""
+def _follow(client: Registry, job: JobOut, timeout: float | None) -> JobOut:
+    """Poll the job until it finishes, with a progress bar on a terminal; `Unavailable` (exit 7)
+    once `timeout` seconds have passed. While it is queued, say once if no worker called in."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    hint = _WorkerHint(client)
     with _merge_bar(f"merge {job.id[:8]}") as update:
         while not job.finished:
-            time.sleep(0.5)
+            if job.status == "queued":
+                hint.check()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"job {job.id} is still {job.status} after {timeout:g} s (--timeout); it "
+                    f"stays on the server: follow it with lora-reg jobs {job.id}, or cancel it "
+                    f"with lora-reg jobs cancel {job.id}",
+                    job=job.id,
+                )
+            pause = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            time.sleep(pause)
             job = client.job(job.id)
             if job.progress is not None:
                 update(job.progress, job.status)
     return job
+
+
+class _WorkerHint:
+    """Says once, on stderr, that no merge worker has called in lately (a queued job then waits
+    until one starts). Checked at most every WORKER_CHECK_EVERY_S; a server without the workers
+    list (older: 404) or that refuses it is left alone, silently."""
+
+    def __init__(self, client: Registry) -> None:
+        self.client = client
+        self.done = False
+        self.next_check = 0.0
+
+    def check(self) -> None:
+        if self.done or time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + WORKER_CHECK_EVERY_S
+        try:
+            workers = self.client.merge_workers(limit=1).items  # newest first
+        except Unavailable:
+            return  # try again at the next check
+        except RegistryError:  # NotFound from an older server, or a token that may not list
+            self.done = True
+            return
+        now = datetime.now(UTC)
+        if workers and now - workers[0].last_seen < WORKER_RECENT:
+            return
+        self.done = True
+        seen = f"last one seen {when(workers[0].last_seen)}" if workers else "none ever"
+        err.print(
+            f"[yellow]warning[/yellow] no merge worker has called in for "
+            f"{WORKER_RECENT.seconds} s ({seen}): the job stays queued until one runs "
+            "(lora-reg worker, or a server with its embedded worker); --timeout SECONDS stops "
+            "waiting",
+            highlight=False,
+        )
 
 
 def _merge_local(
@@ -202,11 +281,14 @@ def _merge_local(
         )
         return
     for warning in result.report.warnings:
-        err.print(f"[yellow]warning[/yellow] ({warning.code}): {warning.message}", highlight=False)
+        err.print(
+            f"[yellow]warning[/yellow] ({warning.code}): {escape(warning.message)}",
+            highlight=False,
+        )
     out.print(
-        f"merged {adapter} into {base}: {result.tensors_merged} of {result.tensors_total} tensors "
-        f"changed, {size(result.size)} in {len(result.files)} files on {result.device}\n"
-        f"  -> {output} ({result.digest})"
+        f"merged {escape(str(adapter))} into {escape(base)}: {result.tensors_merged} of "
+        f"{result.tensors_total} tensors changed, {size(result.size)} in {len(result.files)} "
+        f"files on {result.device}\n  -> {escape(str(output))} ({result.digest})"
     )
 
 
@@ -233,7 +315,7 @@ def _print_job(job: JobOut) -> None:
             lines.append(f"  pull it: lora-reg pull {job.result.artifact} -o DIR")
     if job.error is not None:
         lines.append(f"  error    ({job.error.code}) {job.error.message}")
-    out.print("\n".join(lines), highlight=False)
+    out.print("\n".join(lines), markup=False, highlight=False)
 
 
 def jobs(
@@ -278,10 +360,10 @@ def jobs(
         p = job.progress
         table.add_row(
             job.id[:12],
-            job.status + (f" ({job.error.code})" if job.error else ""),
-            job.adapter,
-            job.base,
-            job.target,
+            escape(job.status + (f" ({job.error.code})" if job.error else "")),
+            escape(job.adapter),
+            escape(job.base),
+            escape(job.target),
             f"{p.tensors_done}/{p.tensors_total}" if p else "-",
             when(job.created_at),
         )
@@ -309,7 +391,7 @@ def worker(
 
     with registry() as client:
         runner = Worker(client, name=name, device=device, lease_s=lease)
-        err.print(f"worker {runner.name} ({device}) serving {state.url}")
+        err.print(escape(f"worker {runner.name} ({device}) serving {state.url}"))
         if engine.kernels is None:
             err.print(
                 "[yellow]warning[/yellow] the merge engine's C kernels were not built (no C "

@@ -11,7 +11,7 @@ from typing import Annotated, cast
 import typer
 from rich.table import Table
 
-from cli.console import JsonOpt, emit_json, err, out, registry, when
+from cli.console import JsonOpt, emit_json, emit_list, err, escape, out, registry, when
 from registry.core.schemas import SCOPES, Scope
 
 token_app = typer.Typer(
@@ -48,8 +48,10 @@ def create(
     if as_json:
         emit_json(created)
         return
-    err.print(f"created token {created.name!r} ({created.scope}); its secret, shown once:")
-    out.print(created.token)
+    err.print(
+        f"created token {escape(repr(created.name))} ({created.scope}); its secret, shown once:"
+    )
+    out.print(created.token, markup=False, highlight=False)
 
 
 @token_app.command("ls")
@@ -57,11 +59,11 @@ def list_tokens(
     revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked tokens.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokens (never their secrets)."""
+    """Tokens, never their secrets (--json: the page shape of every list, all in one page)."""
     with registry() as client:
-        tokens = client.tokens(revoked=revoked)
+        tokens = list(client.tokens(revoked=revoked))
     if as_json:
-        emit_json([token.model_dump(mode="json") for token in tokens])
+        emit_list(tokens)
         return
     table = Table("name", "scope", "created", "by", "revoked")
     for token in tokens:
@@ -69,7 +71,11 @@ def list_tokens(
             f"{when(token.revoked_at)} by {token.revoked_by or '-'}" if token.revoked_at else "-"
         )
         table.add_row(
-            token.name, token.scope, when(token.created_at), token.created_by or "-", revoked_text
+            escape(token.name),
+            token.scope,
+            when(token.created_at),
+            escape(token.created_by or "-"),
+            escape(revoked_text),
         )
     out.print(table)
 
@@ -86,7 +92,7 @@ def revoke(
         emit_json(token)
         return
     assert token.revoked_at is not None
-    out.print(f"revoked {token.name} ({token.scope}) at {when(token.revoked_at)}")
+    out.print(f"revoked {escape(token.name)} ({token.scope}) at {when(token.revoked_at)}")
 
 
 def whoami(as_json: JsonOpt = False) -> None:
@@ -99,4 +105,4 @@ def whoami(as_json: JsonOpt = False) -> None:
     if not me.auth:
         out.print("auth is off on this server: every local caller is an admin")
         return
-    out.print(f"{me.name} ({me.scope})")
+    out.print(f"{escape(me.name or '-')} ({me.scope})")

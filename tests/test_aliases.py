@@ -48,7 +48,7 @@ def test_an_alias_resolves_wherever_a_reference_is_accepted(
     staged = client.push(adapter_dir("llama", seed=2), name, alias="staging")
     assert client.get(f"{name}@staging").number == staged.version.number == 3
     listed = server.cli("alias", "ls", name, "--json")
-    assert {(a["alias"], a["version"]) for a in json.loads(listed.stdout)} == {
+    assert {(a["alias"], a["version"]) for a in json.loads(listed.stdout)["items"]} == {
         ("production", 1),
         ("staging", 3),
     }

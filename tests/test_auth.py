@@ -496,7 +496,7 @@ def test_bootstrap_token_is_printed_once_and_written_0600(secured_server: Runnin
         assert again.token == secured_server.token
         listed = again.cli("token", "ls", "--json")
         assert listed.returncode == 0, listed.stderr
-        assert [t["name"] for t in json.loads(listed.stdout)] == ["admin", "rescue"]
+        assert [t["name"] for t in json.loads(listed.stdout)["items"]] == ["admin", "rescue"]
         me = again.cli("whoami", "--json", env={"LORA_REG_TOKEN": rescue.stdout.strip()})
         assert json.loads(me.stdout) == {"name": "rescue", "scope": "admin", "auth": True}
         audit = json.loads(again.cli("audit", "--subject", "rescue", "--json").stdout)["items"]
