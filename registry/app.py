@@ -14,13 +14,13 @@ import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import __version__
 from registry.adapters.api import router as adapters_router
 from registry.aliases.api import router as aliases_router
-from registry.auth import PUBLIC, AuthMiddleware, check_routes
+from registry.auth import PUBLIC, AuthMiddleware, Surface, bearer_secret, check_routes, surface_for
 from registry.bases.api import router as bases_router
 from registry.blobs.api import router as blobs_router
 from registry.core.errors import DatabaseUnavailable, RegistryError
@@ -50,6 +50,7 @@ def problem(status: int, code: str, title: str, detail: str, **details: Any) -> 
 
 
 def error_response(exc: RegistryError) -> JSONResponse:
+    """A registry error as problem+json (the API's renderer)."""
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message, exc_info=exc.__cause__ or exc)
     response = problem(exc.status, exc.code, exc.title, exc.message, **exc.details)
@@ -58,9 +59,26 @@ def error_response(exc: RegistryError) -> JSONResponse:
     return response
 
 
-async def _registry_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RegistryError)
+def _render_api(_request: Request, exc: RegistryError) -> Response:
     return error_response(exc)
+
+
+# The REST API: bearer tokens, problem+json. Other surfaces (the Hugging Face protocol, the web
+# UI) bring their own credential rule and renderer.
+API = Surface(name="api", prefix="/api/", secret=bearer_secret, render=_render_api)
+SURFACES = (API,)
+
+
+def render(request: Request, exc: RegistryError) -> Response:
+    """A registry error the way the surface the request came through renders errors (outside
+    every surface, health and docs: the API's problem+json)."""
+    surface = surface_for(request.app.state.surfaces, request.url.path) or API
+    return surface.render(request, exc)
+
+
+async def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    return render(request, exc)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -104,6 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = make_engine(settings.sqlalchemy_url)
     app.state.store = open_store(settings)
     app.state.internal_callers = {}  # sha256 of a secret -> Caller (registry.auth)
+    app.state.surfaces = SURFACES
     app.include_router(adapters_router)
     app.include_router(blobs_router)
     app.include_router(bases_router)
@@ -114,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(AuthMiddleware, render=error_response)
+    app.add_middleware(AuthMiddleware, surfaces=SURFACES)
 
     @app.get("/healthz", tags=["health"], dependencies=[PUBLIC])
     def healthz() -> dict[str, str]:
@@ -139,5 +158,5 @@ def create_app(settings: Settings) -> FastAPI:
             return problem(exc.status, exc.code, exc.title, exc.message)
         return JSONResponse({"status": "ready"})
 
-    check_routes(app)
+    check_routes(app, SURFACES)
     return app

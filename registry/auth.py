@@ -1,11 +1,16 @@
-"""Who is calling and what they may do: bearer tokens, scopes, and the access rule of each route.
+"""Who is calling, per surface: credentials, the access rule each route declares, and the
+check that every route declares one.
 
-Two steps, so that nothing about a request is read before its token is known:
+The server has surfaces (`Surface`): today the REST API under /api/; the Hugging Face protocol and
+the web UI join it as they are built. Each has its own rule for where a request's credential is
+(a bearer header, a cookie) and its own way to render a refusal (problem+json, Hub error headers,
+a page). Two steps, so that nothing about a request is read before its caller is known:
 
-1. `AuthMiddleware` authenticates every request under /api/ (missing, malformed, unknown and
-   revoked tokens get 401 before the body is read or parsed) and keeps the `Caller`.
+1. `AuthMiddleware` authenticates every request under a surface's prefix (missing, malformed,
+   unknown and revoked tokens are refused before the body is read or parsed) and keeps the
+   `Caller` on the request.
 2. Every route declares what it needs with one of the annotated dependencies below, which checks
-   the caller's scope, e.g.
+   the caller's scope (`registry.access.require`), e.g.
 
        @router.post("/{namespace}/{name}/uploads", dependencies=[WRITE])
        def plan_upload(...) -> UploadPlan: ...
@@ -13,55 +18,70 @@ Two steps, so that nothing about a request is read before its token is known:
        @router.put("/adapters/{namespace}/{name}/aliases/{alias}")
        def set_alias(caller: WriteAccess, ...) -> AliasOut: ...
 
-`create_app` refuses to build an app with a route that declares no rule, or with a public route
-under /api/ (`check_routes`), so a new route cannot be left open by mistake. Scopes: `read` <
-`write` < `admin`, and `worker` (read + the merge job endpoints). With `LORA_REG_AUTH=off`
-(loopback only) every caller is an anonymous admin.
+`create_app` refuses to build an app with a route that declares no rule, a public route inside
+a surface or a non-public route outside every surface (`check_routes`), so a new route cannot be
+left open by mistake. The rules themselves (scopes, protected aliases, merge targets) are in
+`registry.access`, where the services apply them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from registry.core.errors import NotAuthenticated, NotPermitted, ProtectedAlias, RegistryError
-from registry.core.jobs import parse_target, target_within
+from registry.access import ANONYMOUS, Caller, Need, require
+from registry.core.errors import NotAuthenticated, RegistryError
 from registry.core.schemas import Scope
 from registry.core.tokens import SECRET_RE, new_secret, secret_sha256
 from registry.db import read_only, session_scope
 from registry.settings import Settings
 from registry.tokens.service import find_token
 
-API_PREFIX = "/api/"
 
-Need = Literal["public", "read", "write", "admin", "worker", "upload"]
-
-# Which token scopes satisfy each need. `upload` is blob bytes: sent by pushes (write) and by
-# merge workers publishing to the registry (worker).
-ALLOWED: dict[Need, frozenset[Scope]] = {
-    "read": frozenset({"read", "write", "admin", "worker"}),
-    "write": frozenset({"write", "admin"}),
-    "admin": frozenset({"admin"}),
-    "worker": frozenset({"worker", "admin"}),
-    "upload": frozenset({"write", "worker", "admin"}),
-}
+def bearer_secret(request: Request) -> str | None:
+    """The token in `Authorization: Bearer lrt_...`; None when there is no header."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not SECRET_RE.fullmatch(secret):
+        raise NotAuthenticated(
+            "malformed Authorization header: expected 'Bearer lrt_...' with the token "
+            "lora-reg token create printed"
+        )
+    return secret
 
 
 @dataclass(frozen=True)
-class Caller:
-    name: str | None  # the audit actor; None when auth is off
-    scope: Scope
+class Surface:
+    """One face of the server: the requests under `prefix`, where their credential is
+    (`secret`: the token's secret, None when the request carries none) and how a refusal is
+    rendered (`render`). Routes under `prefix` all need a token, except `public` ones."""
+
+    name: str
+    prefix: str
+    secret: Callable[[Request], str | None]
+    render: Callable[[Request, RegistryError], Response]
+    public: frozenset[str] = field(default_factory=frozenset)  # route paths open to anyone
+
+    def owns(self, path: str) -> bool:
+        return path.startswith(self.prefix)
 
 
-ANONYMOUS = Caller(name=None, scope="admin")
+def surface_for(surfaces: Sequence[Surface], path: str) -> Surface | None:
+    """The surface a path belongs to: the one with the longest prefix that matches."""
+    matching = [surface for surface in surfaces if surface.owns(path)]
+    return max(matching, key=lambda surface: len(surface.prefix), default=None)
 
 
 def issue_internal_token(app: FastAPI, name: str, scope: Scope) -> str:
@@ -72,30 +92,30 @@ def issue_internal_token(app: FastAPI, name: str, scope: Scope) -> str:
 
 
 def authenticate(request: Request) -> Caller:
-    """The caller behind the request's bearer token (blocking: may look the token up in SQL)."""
+    """The caller behind the request's credential (blocking: may look the token up in SQL)."""
     cached: Caller | None = getattr(request.state, "caller", None)
     if cached is not None:
         return cached
     settings: Settings = request.app.state.settings
     if not settings.auth:
         return ANONYMOUS
-    header = request.headers.get("authorization")
-    if not header:
+    surface = surface_for(request.app.state.surfaces, request.url.path)
+    secret = (surface.secret if surface else bearer_secret)(request)
+    if secret is None:
         raise NotAuthenticated(
             "this registry needs a token: set LORA_REG_TOKEN (or pass --token); an admin "
             "creates one with lora-reg token create NAME --scope read|write"
         )
-    scheme, _, secret = header.partition(" ")
-    secret = secret.strip()
-    if scheme.lower() != "bearer" or not SECRET_RE.fullmatch(secret):
-        raise NotAuthenticated(
-            "malformed Authorization header: expected 'Bearer lrt_...' with the token "
-            "lora-reg token create printed"
-        )
-    internal: Caller | None = request.app.state.internal_callers.get(secret_sha256(secret))
+    return caller_for(request.app, secret)
+
+
+def caller_for(app: FastAPI, secret: str) -> Caller:
+    """The caller a token secret belongs to: a process-internal token, else a stored one that
+    is not revoked."""
+    internal: Caller | None = app.state.internal_callers.get(secret_sha256(secret))
     if internal is not None:
         return internal
-    with session_scope(read_only(request.app.state.engine)) as session:
+    with session_scope(read_only(app.state.engine)) as session:
         token = find_token(session, secret)
     if token is None:
         raise NotAuthenticated(
@@ -111,48 +131,32 @@ def authenticate(request: Request) -> Caller:
 
 
 class AuthMiddleware:
-    """Authenticates every /api/ request before the route reads its body: an anonymous client
-    cannot make the server buffer or parse anything. `render` turns a refusal into the app's
-    problem+json response."""
+    """Authenticates every request under a surface's prefix before the route reads its body: an
+    anonymous client cannot make the server buffer or parse anything. A refusal is rendered the
+    way that surface renders errors."""
 
-    def __init__(self, app: ASGIApp, render: Callable[[RegistryError], Any]) -> None:
+    def __init__(self, app: ASGIApp, surfaces: Sequence[Surface]) -> None:
         self.app = app
-        self.render = render
+        self.surfaces = surfaces
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
-        if _needs_token(scope):
-            request = Request(scope)
-            try:
-                caller = await run_in_threadpool(authenticate, request)
-            except RegistryError as exc:
-                await self.render(exc)(scope, receive, send)
-                return
-            request.state.caller = caller
+        if scope["type"] == "http" and scope["app"].state.settings.auth:
+            surface = surface_for(self.surfaces, scope["path"])
+            if surface is not None:  # outside every surface: public routes only
+                request = Request(scope)
+                try:
+                    request.state.caller = await run_in_threadpool(authenticate, request)
+                except RegistryError as exc:
+                    await surface.render(request, exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
-
-
-def _needs_token(scope: AsgiScope) -> bool:
-    """An /api/ request to a server with auth on (with it off, nobody is looked up)."""
-    if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
-        return False
-    settings: Settings = scope["app"].state.settings
-    return settings.auth
 
 
 def _require(need: Need) -> Callable[[Request], Caller]:
     def dependency(request: Request) -> Caller:
         if need == "public":
             return ANONYMOUS
-        caller = authenticate(request)
-        allowed = ALLOWED[need]
-        if caller.scope not in allowed:
-            raise NotPermitted(
-                f"this needs a token with scope {' or '.join(sorted(allowed))}; "
-                f"token {caller.name!r} has scope {caller.scope}",
-                need=need,
-                scope=caller.scope,
-            )
-        return caller
+        return require(authenticate(request), need)
 
     dependency.need = need  # type: ignore[attr-defined]  # read by route_rules
     dependency.__name__ = f"require_{need}"
@@ -205,50 +209,27 @@ def _need(dependant: Dependant) -> Need | None:
     return None
 
 
-def check_routes(app: FastAPI) -> None:
-    """Refuse to build an app with a route that declares no rule, or a public route under /api/
-    (AuthMiddleware authenticates all of /api/, and only that)."""
+def check_routes(app: FastAPI, surfaces: Sequence[Surface]) -> None:
+    """Refuse to build an app with a route that declares no rule, a public route inside a
+    surface (other than the surface's own `public` paths) or a non-public route outside every
+    surface (AuthMiddleware authenticates exactly the surfaces' requests)."""
     rules = route_rules(app)
     missing = [f"{rule.method} {rule.path}" for rule in rules if rule.need is None]
     if missing:
         raise RuntimeError(
             "routes without an access rule (add a registry.auth dependency): " + "; ".join(missing)
         )
-    misplaced = [
-        f"{rule.method} {rule.path}"
-        for rule in rules
-        if (rule.need == "public") == rule.path.startswith(API_PREFIX)
-    ]
+    misplaced = []
+    for rule in rules:
+        surface = surface_for(surfaces, rule.path)
+        public = rule.need == "public"
+        if surface is None and not public:
+            misplaced.append(f"{rule.method} {rule.path} (outside every surface, not public)")
+        elif surface is not None and public and rule.path not in surface.public:
+            misplaced.append(f"{rule.method} {rule.path} (public inside {surface.name})")
     if misplaced:
+        prefixes = ", ".join(f"{s.name} {s.prefix}" for s in surfaces)
         raise RuntimeError(
-            f"public routes must live outside {API_PREFIX} and every other route under it: "
-            + "; ".join(misplaced)
+            f"public routes must live outside the surfaces ({prefixes}) and every other route "
+            "inside one: " + "; ".join(misplaced)
         )
-
-
-def check_alias_move(settings: Settings, caller: Caller, alias: str) -> None:
-    """Protected aliases (LORA_REG_PROTECTED_ALIASES, default production) move only by admin."""
-    if alias in settings.protected_alias_names and caller.scope != "admin":
-        raise ProtectedAlias(
-            f"{alias!r} is a protected alias: only an admin token may move or remove it "
-            f"(token {caller.name!r} has scope {caller.scope}); ask an admin, or use another "
-            "alias such as staging",
-            alias=alias,
-        )
-
-
-def check_merge_target(settings: Settings, caller: Caller, text: str) -> None:
-    """Workers publish with their own credentials (file system, S3, HF_TOKEN), so a write token
-    may send merges only to the registry or inside LORA_REG_MERGE_TARGETS; admins anywhere."""
-    target = parse_target(text)
-    if caller.scope == "admin" or target.kind == "registry":
-        return
-    if any(target_within(target, allowed) for allowed in settings.merge_target_list):
-        return
-    allowed_text = settings.merge_targets or "nothing besides registry"
-    raise NotPermitted(
-        f"token {caller.name!r} (scope {caller.scope}) may send merges to the registry and to "
-        f"LORA_REG_MERGE_TARGETS ({allowed_text}), not to {target}: use --to registry, or ask "
-        "an admin to allow that destination",
-        target=str(target),
-    )

@@ -179,6 +179,7 @@ def test_authorization_matrix(
 def test_a_route_without_a_rule_stops_the_app_from_starting() -> None:
     from fastapi import APIRouter
 
+    from registry.app import SURFACES
     from registry.auth import check_routes
 
     app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
@@ -190,7 +191,37 @@ def test_a_route_without_a_rule_stops_the_app_from_starting() -> None:
 
     app.include_router(router)
     with pytest.raises(RuntimeError, match="GET /api/v1/forgotten"):
-        check_routes(app)
+        check_routes(app, SURFACES)
+
+
+@pytest.mark.parametrize(
+    ("path", "dependency", "complaint"),
+    [
+        ("/api/v1/open", "public", "public inside api"),
+        ("/elsewhere", "read", "outside every surface, not public"),
+    ],
+)
+def test_a_route_on_the_wrong_side_of_a_surface_stops_the_app_from_starting(
+    path: str, dependency: str, complaint: str
+) -> None:
+    """AuthMiddleware authenticates exactly the surfaces' requests, before their bodies are
+    read: a public route inside one would be refused, a token route outside one would read its
+    body before the token is checked."""
+    from fastapi import APIRouter
+
+    from registry.app import SURFACES
+    from registry.auth import PUBLIC, READ, check_routes
+
+    app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
+    router = APIRouter()
+
+    @router.get(path, dependencies=[PUBLIC if dependency == "public" else READ])
+    def misplaced() -> dict[str, str]:
+        return {}
+
+    app.include_router(router)
+    with pytest.raises(RuntimeError, match=f"GET {path} \\({complaint}\\)"):
+        check_routes(app, SURFACES)
 
 
 # --- tokens through the API ----------------------------------------------------------------------

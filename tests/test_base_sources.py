@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from registry.access import Caller
 from registry.bases.service import check_base_source
 from registry.core.errors import InvalidBase, NotPermitted
 from registry.core.jobs import Target, parse_s3_location
@@ -64,7 +65,7 @@ def test_only_server_read_sources_outside_the_list_need_an_admin() -> None:
 
     def check(scope: str, source: str, **extra: object) -> None:
         request = BaseRegisterRequest.model_validate({"base": "o/m", "source": source, **extra})
-        check_base_source(settings, scope, "dev", request)  # type: ignore[arg-type]
+        check_base_source(settings, Caller("dev", scope), request)  # type: ignore[arg-type]
 
     check("write", "s3://bkt/models/llama")
     check("write", "s3://bkt//models/./llama")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from registry.adapters import service
-from registry.auth import READ, WRITE, ReadAccess, WriteAccess, check_alias_move
+from registry.auth import READ, WRITE, ReadAccess, WriteAccess
 from registry.core.compat import CompatReport
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
@@ -78,9 +78,7 @@ def list_versions(
 )
 def get_version(session: ReadSessionDep, namespace: str, name: str, selector: str) -> VersionOut:
     """One version with its files; `selector` is a number, `latest`, an alias or a digest."""
-    adapter = _name(namespace, name)
-    version = service.resolve(session, Reference(adapter, parse_selector(selector)))
-    return service.version_out(session, adapter, version, with_files=True)
+    return service.get_version(session, Reference(_name(namespace, name), parse_selector(selector)))
 
 
 @router.get(
@@ -91,9 +89,12 @@ def get_version(session: ReadSessionDep, namespace: str, name: str, selector: st
 def get_version_files(
     session: ReadSessionDep, namespace: str, name: str, selector: str
 ) -> list[VersionFileOut]:
-    adapter = _name(namespace, name)
-    version = service.resolve(session, Reference(adapter, parse_selector(selector)))
-    return service.version_out(session, adapter, version, with_files=True).files or []
+    return (
+        service.get_version(
+            session, Reference(_name(namespace, name), parse_selector(selector))
+        ).files
+        or []
+    )
 
 
 @router.post("/{namespace}/{name}/versions/{selector}/check", response_model=CompatReport)
@@ -109,8 +110,7 @@ def check_version(
     """Check a version against a registered base (default: its own) and an optional serving
     profile, from headers only. A plain check against its own base is recorded on the version."""
     ref = Reference(_name(namespace, name), parse_selector(selector))
-    may_record = caller.scope in ("write", "admin")  # read tokens get the report, unsaved
-    return service.check_version(session, store, ref, request, caller.name, save=may_record)
+    return service.check_version(session, store, caller, ref, request)
 
 
 @router.post("/{namespace}/{name}/uploads", response_model=UploadPlan, dependencies=[WRITE])
@@ -144,10 +144,8 @@ def commit_version(
     response: Response,
 ) -> VersionOut:
     """Push step 3: create the version from uploaded blobs (idempotent by content digest)."""
-    if request.alias:
-        check_alias_move(settings, caller, request.alias)
     version = service.commit_version(
-        session, store, settings, _name(namespace, name), request, caller.name
+        session, store, settings, caller, _name(namespace, name), request
     )
     if not version.created:
         response.status_code = status.HTTP_200_OK

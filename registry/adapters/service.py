@@ -8,12 +8,20 @@ metrics, labels and audit event.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.access import Caller, check_alias_move
+from registry.adapters.repository import (
+    get_adapter_row,
+    lock_adapter,
+    lock_or_create_adapter,
+    resolve,
+)
 from registry.aliases import service as aliases
 from registry.bases import service as bases
 from registry.blobs import service as blobs
@@ -21,14 +29,12 @@ from registry.blobs.service import adopt_stored, blob_url
 from registry.core import events
 from registry.core.compat import CompatReport, check_compatibility
 from registry.core.errors import (
-    AdapterNotFound,
-    AliasNotFound,
     BaseNotFound,
     BlobMissing,
     BlobNotFound,
+    Conflict,
     Incompatible,
     InvalidInput,
-    VersionNotFound,
 )
 from registry.core.manifest import (
     CONFIG_FILE,
@@ -65,13 +71,14 @@ from registry.events.service import record
 from registry.models import (
     Adapter,
     AdapterVersion,
+    Alias,
     BaseModelRow,
     VersionFile,
     VersionLabel,
     VersionMetric,
     as_utc,
 )
-from registry.repository import count, for_update, insert_ignore
+from registry.repository import count
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
@@ -113,25 +120,75 @@ def plan_upload(
     return blobs.plan_upload(session, store, settings, checked_entries(files, settings))
 
 
+@dataclass(frozen=True)
+class _Push:
+    """A commit request, validated: nothing about it has been read from storage yet."""
+
+    entries: list[FileEntry]
+    metrics: dict[str, float]
+    labels: dict[str, str]
+    lineage: dict[str, str]
+    base: BaseModelId | None
+    description: str | None
+
+
 def commit_version(
     session: Session,
     store: ObjectStore,
     settings: Settings,
+    caller: Caller,
     name: AdapterName,
     request: CommitRequest,
-    actor: str | None,
 ) -> VersionOut:
-    """Create the next version of `name` from uploaded blobs, or return the identical one."""
-    entries = checked_entries(request.files, settings)
-    metrics = check_metrics(request.metrics)
-    labels = check_strings("label", request.labels, MAX_LABEL_VALUE)
-    lineage = check_strings("lineage", request.lineage, MAX_LINEAGE_VALUE)
-    base = parse_base(request.base) if request.base else None
+    """Push step 3: create the next version of `name` from uploaded blobs, or return the
+    identical one (same digest), and move `request.alias` to it.
+
+    In this order: validate the request and the caller's right to move the alias; read and
+    verify the bytes (no database lock is held while storage is read); check compatibility with
+    the base; lock the adapter row (version numbers are assigned one at a time); write.
+    """
+    push = _validate_push(settings, caller, request)
+    summary, header, digest = _read_pushed(session, store, push.entries)
+    base_id, base_revision = _pushed_base(push.base, summary)
+    report = _push_check(session, summary, header, base_id, base_revision)
+    if request.require_compatible or settings.require_compatible:
+        _require_compatible(base_id, base_revision, report)
+
+    adapter = lock_or_create_adapter(session, name)
+    version = session.exec(
+        select(AdapterVersion).where(
+            col(AdapterVersion.adapter_id) == adapter.id, AdapterVersion.digest == digest
+        )
+    ).first()
+    created = version is None
+    if version is None:
+        version = _insert_version(
+            session, adapter, name, push, summary, digest, (base_id, base_revision), report, caller
+        )
+    if request.alias:
+        aliases.set_alias(session, adapter, version, request.alias, caller.name)
+    return version_out(session, name, version, with_files=True, created=created)
+
+
+def _validate_push(settings: Settings, caller: Caller, request: CommitRequest) -> _Push:
     if request.alias:
         aliases.check_alias(request.alias)
+        check_alias_move(settings, caller, request.alias)
+    return _Push(
+        entries=checked_entries(request.files, settings),
+        metrics=check_metrics(request.metrics),
+        labels=check_strings("label", request.labels, MAX_LABEL_VALUE),
+        lineage=check_strings("lineage", request.lineage, MAX_LINEAGE_VALUE),
+        base=parse_base(request.base) if request.base else None,
+        description=request.description,
+    )
 
-    # Storage reads first, so no database lock is held while they run. What they read only
-    # counts once adopt_stored has verified every blob below.
+
+def _read_pushed(
+    session: Session, store: ObjectStore, entries: list[FileEntry]
+) -> tuple[AdapterConfigSummary, SafetensorsHeader, str]:
+    """The pushed adapter's config and tensor header, and its digest, once every blob is
+    verified in the store (what was read counts only then)."""
     try:
         summary, header = read_adapter(store, entries)
     except BlobNotFound:
@@ -139,38 +196,46 @@ def commit_version(
     _, missing = adopt_stored(session, store, entries)
     if missing:
         raise _missing([entry for entry in entries if entry.sha256 in missing])
-    digest = manifest_digest(entries)
-    base_id = base.id if base else summary.base_model_name_or_path
-    base_revision = base.revision if base else summary.revision
-    if base and not base.revision and base.id == summary.base_model_name_or_path:
-        base_revision = summary.revision  # --base named the config's model without a revision
-    report = _push_check(session, summary, header, base_id, base_revision)
-    if request.require_compatible or settings.require_compatible:
-        _require_compatible(base_id, base_revision, report)
+    return summary, header, manifest_digest(entries)
 
-    adapter = _lock_or_create_adapter(session, name)
+
+def _pushed_base(
+    base: BaseModelId | None, summary: AdapterConfigSummary
+) -> tuple[str | None, str | None]:
+    """The base a pushed version records: `--base`, else the config's base_model_name_or_path
+    (with the config's revision when `--base` named that model without one)."""
+    if base is None:
+        return summary.base_model_name_or_path, summary.revision
+    if not base.revision and base.id == summary.base_model_name_or_path:
+        return base.id, summary.revision
+    return base.id, base.revision
+
+
+def _insert_version(
+    session: Session,
+    adapter: Adapter,
+    name: AdapterName,
+    push: _Push,
+    summary: AdapterConfigSummary,
+    digest: str,
+    base: tuple[str | None, str | None],
+    report: CompatReport | None,
+    caller: Caller,
+) -> AdapterVersion:
+    """Write the adapter's next version, its files, metrics and labels, and its event."""
     assert adapter.id is not None
-    existing = session.exec(
-        select(AdapterVersion).where(
-            col(AdapterVersion.adapter_id) == adapter.id, AdapterVersion.digest == digest
-        )
-    ).first()
-    if existing is not None:
-        if request.alias:
-            aliases.set_alias(session, adapter, existing, request.alias, actor)
-        return version_out(session, name, existing, with_files=True, created=False)
-
     latest = session.execute(
         sa.select(sa.func.max(AdapterVersion.number)).where(
             col(AdapterVersion.adapter_id) == adapter.id
         )
     ).scalar_one()
+    entries = push.entries
     version = AdapterVersion(
         adapter_id=adapter.id,
         number=(latest or 0) + 1,
         digest=digest,
-        base_model_id=base_id,
-        base_model_revision=base_revision,
+        base_model_id=base[0],
+        base_model_revision=base[1],
         peft_type=summary.peft_type,
         task_type=summary.task_type,
         r=summary.r,
@@ -179,13 +244,13 @@ def commit_version(
         use_dora=summary.use_dora,
         use_rslora=summary.use_rslora,
         adapter_config=summary.raw,
-        metrics=metrics,
-        labels=labels,
-        lineage=lineage,
-        description=request.description,
+        metrics=push.metrics,
+        labels=push.labels,
+        lineage=push.lineage,
+        description=push.description,
         size=sum(entry.size for entry in entries),
         file_count=len(entries),
-        created_by=actor,
+        created_by=caller.name,
         compat_status=report.status if report else None,
         compat_base=report.base if report else None,
         compat_report=report.model_dump(mode="json") if report else None,
@@ -200,25 +265,20 @@ def commit_version(
         ]
     )
     session.add_all(
-        [VersionMetric(version_id=version.id, name=k, value=v) for k, v in metrics.items()]
+        [VersionMetric(version_id=version.id, name=k, value=v) for k, v in push.metrics.items()]
     )
     session.add_all(
-        [VersionLabel(version_id=version.id, key=k, value=v) for k, v in labels.items()]
+        [VersionLabel(version_id=version.id, key=k, value=v) for k, v in push.labels.items()]
     )
     record(
         session,
-        actor,
+        caller.name,
         events.VersionPushed(
-            subject=f"{name}@{version.number}",
-            digest=digest,
-            size=version.size,
-            files=len(entries),
+            subject=f"{name}@{version.number}", digest=digest, size=version.size, files=len(entries)
         ),
     )
     session.flush()
-    if request.alias:
-        aliases.set_alias(session, adapter, version, request.alias, actor)
-    return version_out(session, name, version, with_files=True, created=True)
+    return version
 
 
 def _push_check(
@@ -286,15 +346,14 @@ def _base_not_registered(ref: str | None) -> BaseNotFound:
 def check_version(
     session: Session,
     store: ObjectStore,
+    caller: Caller,
     ref: Reference,
     request: CheckRequest,
-    actor: str | None,
-    save: bool = True,
 ) -> CompatReport:
     """Check a stored version against a registered base (by default its own), headers only.
 
     A plain check (no profile) against the version's own base is recorded on the version when
-    `save` (the caller may write).
+    the caller may write (read tokens get the report, unsaved).
     """
     version = resolve(session, ref)
     files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
@@ -312,7 +371,7 @@ def check_version(
     # The report is recorded only against the base a push would pick for this version.
     own = bases.find_base_row(session, version.base_model_id or "", version.base_model_revision)
     if (
-        save
+        caller.may_write
         and request.profile is None
         and own is not None
         and own.id == row.id
@@ -324,7 +383,7 @@ def check_version(
         session.add(version)
         record(
             session,
-            actor,
+            caller.name,
             events.VersionChecked(
                 subject=f"{ref.name}@{version.number}", base=report.base, status=report.status
             ),
@@ -343,60 +402,41 @@ def _missing(entries: list[FileEntry]) -> BlobMissing:
     )
 
 
-def _lock_or_create_adapter(session: Session, name: AdapterName) -> Adapter:
-    """The adapter row, locked until commit so version numbers are assigned one at a time."""
-    insert_ignore(
-        session,
-        Adapter,
-        [{"namespace": name.namespace, "name": name.name, "created_at": datetime.now(UTC)}],
-    )
-    statement = select(Adapter).where(
-        Adapter.namespace == name.namespace, Adapter.name == name.name
-    )
-    adapter: Adapter = session.exec(for_update(session, statement)).one()
-    return adapter
+# --- yank --------------------------------------------------------------------------------------
+
+
+def yank_version(session: Session, caller: Caller, ref: Reference, reason: str) -> VersionOut:
+    """Mark a version as not to be used: pull refuses it, no alias may point at it. Nothing is
+    deleted; yanking twice keeps the first. Refused while an alias points at it."""
+    lock_adapter(session, ref.name)
+    version = resolve(session, ref)
+    if version.yanked_at is None:
+        pointing = session.exec(select(Alias.name).where(Alias.version_id == version.id)).all()
+        label = f"{ref.name}@{version.number}"
+        if pointing:
+            raise Conflict(
+                f"{label} is what {', '.join(pointing)} point(s) at: move those aliases to "
+                f"another version first (lora-reg alias set {ref.name}@N ALIAS)",
+                aliases=list(pointing),
+            )
+        version.yanked_at, version.yanked_by = datetime.now(UTC), caller.name
+        version.yank_reason = reason
+        session.add(version)
+        record(
+            session,
+            caller.name,
+            events.VersionYanked(subject=label, digest=version.digest, reason=reason),
+        )
+        session.flush()
+    return version_out(session, ref.name, version, with_files=True)
 
 
 # --- reads -------------------------------------------------------------------------------------
 
 
-def get_adapter_row(session: Session, name: AdapterName) -> Adapter:
-    adapter = session.exec(
-        select(Adapter).where(Adapter.namespace == name.namespace, Adapter.name == name.name)
-    ).first()
-    if adapter is None:
-        raise AdapterNotFound(f"adapter {name} does not exist (see lora-reg ls)", adapter=str(name))
-    return adapter
-
-
-def resolve(session: Session, ref: Reference) -> AdapterVersion:
-    """The version a reference points at; 404 with a specific code when there is none."""
-    adapter = get_adapter_row(session, ref.name)
-    query = select(AdapterVersion).where(col(AdapterVersion.adapter_id) == adapter.id)
-    selector = ref.selector
-    if selector.kind == "latest":
-        query = query.order_by(col(AdapterVersion.number).desc()).limit(1)
-    elif selector.kind == "number":
-        query = query.where(AdapterVersion.number == selector.number)
-    elif selector.kind == "digest":
-        query = query.where(AdapterVersion.digest == selector.value)
-    else:
-        assert adapter.id is not None
-        aliased = aliases.alias_version(session, adapter.id, selector.value)
-        if aliased is None:
-            raise AliasNotFound(
-                f"{ref.name} has no alias {selector.value!r} (see lora-reg alias ls {ref.name})",
-                adapter=str(ref.name),
-                alias=selector.value,
-            )
-        return aliased
-    version = session.exec(query).first()
-    if version is None:
-        what = "no versions yet" if selector.kind == "latest" else f"no version {selector}"
-        raise VersionNotFound(
-            f"{ref.name} has {what} (see lora-reg versions {ref.name})", reference=str(ref)
-        )
-    return version
+def get_version(session: Session, ref: Reference) -> VersionOut:
+    """The version a reference points at, with its files."""
+    return version_out(session, ref.name, resolve(session, ref), with_files=True)
 
 
 def version_out(

@@ -1,7 +1,8 @@
-"""REST endpoints for aliases, their history and the audit log (routes only: no SQL here).
+"""REST endpoints for aliases, their history, yanks, identify and the audit log (routes only:
+each calls one service function; no SQL here).
 
-Under /api/v1/adapters/{ns}/{name}/aliases and /history, plus /api/v1/aliases/{alias}
-(who runs it) and /api/v1/audit.
+Under /api/v1/adapters/{ns}/{name}/aliases, /history and /versions/{selector}/yank, plus
+/api/v1/aliases/{alias} (who runs it), /api/v1/identify and /api/v1/audit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Response, status
 
 from registry.adapters import service as adapters
 from registry.aliases import service
-from registry.auth import READ, WriteAccess, check_alias_move
+from registry.auth import READ, WriteAccess
 from registry.core.errors import InvalidInput
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
@@ -40,8 +41,7 @@ def _name(namespace: str, name: str) -> AdapterName:
     "/adapters/{namespace}/{name}/aliases", response_model=list[AliasOut], dependencies=[READ]
 )
 def list_aliases(session: ReadSessionDep, namespace: str, name: str) -> list[AliasOut]:
-    adapter = adapters.get_adapter_row(session, _name(namespace, name))
-    return service.list_aliases(session, adapter)
+    return service.list_aliases(session, _name(namespace, name))
 
 
 @router.put("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
@@ -55,12 +55,9 @@ def set_alias(
     request: AliasSetRequest,
 ) -> AliasOut:
     """Point an alias at a version (`version`: a number, `sha256:...` or another alias)."""
-    adapter_name = _name(namespace, name)
-    service.check_alias(alias)
-    check_alias_move(settings, caller, alias)
-    adapter = service.lock_adapter(session, adapter_name)
-    version = adapters.resolve(session, Reference(adapter_name, parse_selector(request.version)))
-    return service.set_alias(session, adapter, version, alias, caller.name)
+    return service.move_alias(
+        session, settings, caller, _name(namespace, name), alias, request.version
+    )
 
 
 @router.delete(
@@ -74,9 +71,7 @@ def remove_alias(
     name: str,
     alias: str,
 ) -> Response:
-    check_alias_move(settings, caller, service.check_alias(alias))
-    adapter = service.lock_adapter(session, _name(namespace, name))
-    service.remove_alias(session, adapter, alias, caller.name)
+    service.delete_alias(session, settings, caller, _name(namespace, name), alias)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -91,10 +86,9 @@ def get_alias(
     at: datetime | None = None,
 ) -> AliasOut:
     """Where an alias points now, or (`?at=2026-11-20T10:00Z`) where it pointed then."""
-    adapter = adapters.get_adapter_row(session, _name(namespace, name))
     if at is not None:
-        return service.resolve_at(session, adapter, alias, at)
-    return service.current_alias(session, adapter, alias)
+        return service.resolve_at(session, _name(namespace, name), alias, at)
+    return service.current_alias(session, _name(namespace, name), alias)
 
 
 @router.get(
@@ -109,8 +103,7 @@ def history(
     offset: Offset = 0,
 ) -> Page[AliasMoveOut]:
     """Every alias move of an adapter, newest first."""
-    adapter = adapters.get_adapter_row(session, _name(namespace, name))
-    return service.history(session, adapter, alias, limit, offset)
+    return service.history(session, _name(namespace, name), alias, limit, offset)
 
 
 @router.get("/aliases/{alias}", response_model=Page[AliasOut], dependencies=[READ])
@@ -131,11 +124,8 @@ def yank(
     request: YankRequest,
 ) -> VersionOut:
     """Mark a version as not to be used: pull refuses it, no alias may point at it."""
-    adapter_name = _name(namespace, name)
-    adapter = service.lock_adapter(session, adapter_name)
-    version = adapters.resolve(session, Reference(adapter_name, parse_selector(selector)))
-    service.yank(session, adapter, version, request.reason, caller.name)
-    return adapters.version_out(session, adapter_name, version, with_files=True)
+    ref = Reference(_name(namespace, name), parse_selector(selector))
+    return adapters.yank_version(session, caller, ref, request.reason)
 
 
 @router.post("/identify", response_model=IdentifyOut, dependencies=[READ])

@@ -15,17 +15,17 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.access import Caller, check_alias_move
+from registry.adapters.repository import get_adapter_row, lock_adapter, resolve
 from registry.core import events
 from registry.core.errors import (
-    AdapterNotFound,
     AliasNotFound,
-    Conflict,
     InvalidInput,
     InvalidReference,
     VersionYanked,
 )
 from registry.core.manifest import FileEntry, manifest_digest
-from registry.core.names import ALIAS_RE, AdapterName
+from registry.core.names import ALIAS_RE, AdapterName, Reference, parse_selector
 from registry.core.schemas import (
     AliasMoveOut,
     AliasOut,
@@ -48,7 +48,8 @@ from registry.models import (
     VersionFile,
     as_utc,
 )
-from registry.repository import count, for_update
+from registry.repository import count
+from registry.settings import Settings
 
 
 def check_alias(name: str) -> str:
@@ -66,14 +67,28 @@ def _adapter_label(adapter: Adapter) -> str:
     return f"{adapter.namespace}/{adapter.name}"
 
 
-def alias_version(session: Session, adapter_id: int, alias: str) -> AdapterVersion | None:
-    """The version an alias points at now (used to resolve `ns/name@alias`)."""
-    statement = (
-        select(AdapterVersion)
-        .join(Alias, col(Alias.version_id) == AdapterVersion.id)
-        .where(Alias.adapter_id == adapter_id, Alias.name == alias)
-    )
-    return session.exec(statement).first()
+def move_alias(
+    session: Session,
+    settings: Settings,
+    caller: Caller,
+    name: AdapterName,
+    alias: str,
+    version_text: str,
+) -> AliasOut:
+    """Point `alias` of `name` at the version `version_text` names (a number, `sha256:...` or
+    another alias), if the caller may move that alias."""
+    check_alias_move(settings, caller, check_alias(alias))
+    adapter = lock_adapter(session, name)
+    version = resolve(session, Reference(name, parse_selector(version_text)))
+    return set_alias(session, adapter, version, alias, caller.name)
+
+
+def delete_alias(
+    session: Session, settings: Settings, caller: Caller, name: AdapterName, alias: str
+) -> None:
+    """Remove `alias` of `name`, if the caller may move that alias."""
+    check_alias_move(settings, caller, check_alias(alias))
+    remove_alias(session, lock_adapter(session, name), alias, caller.name)
 
 
 def set_alias(
@@ -193,11 +208,13 @@ def _aliases(adapter: Adapter | None = None, alias: str | None = None) -> Any:
     return statement.order_by(col(Adapter.namespace), col(Adapter.name), col(Alias.name))
 
 
-def list_aliases(session: Session, adapter: Adapter) -> list[AliasOut]:
+def list_aliases(session: Session, name: AdapterName) -> list[AliasOut]:
+    adapter = get_adapter_row(session, name)
     return [_alias_out(a, row, v) for row, a, v in session.exec(_aliases(adapter)).all()]
 
 
-def current_alias(session: Session, adapter: Adapter, alias: str) -> AliasOut:
+def current_alias(session: Session, name: AdapterName, alias: str) -> AliasOut:
+    adapter = get_adapter_row(session, name)
     found = session.exec(_aliases(adapter, alias)).first()
     if found is None:
         raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
@@ -214,9 +231,10 @@ def who_runs(session: Session, alias: str, limit: int, offset: int) -> Page[Alia
 
 
 def history(
-    session: Session, adapter: Adapter, alias: str | None, limit: int, offset: int
+    session: Session, name: AdapterName, alias: str | None, limit: int, offset: int
 ) -> Page[AliasMoveOut]:
     """Every move of the adapter's aliases (or of one), newest first."""
+    adapter = get_adapter_row(session, name)
     query: Any = select(AliasMove).where(AliasMove.adapter_id == adapter.id)
     if alias:
         query = query.where(AliasMove.name == check_alias(alias))
@@ -241,8 +259,9 @@ def history(
     return make_page(items, total, limit, offset)
 
 
-def resolve_at(session: Session, adapter: Adapter, alias: str, at: datetime) -> AliasOut:
+def resolve_at(session: Session, name: AdapterName, alias: str, at: datetime) -> AliasOut:
     """What `alias` pointed at, at time `at`: the last move at or before it."""
+    adapter = get_adapter_row(session, name)
     check_alias(alias)
     move = session.exec(
         select(AliasMove)
@@ -286,16 +305,6 @@ def _naive_utc(session: Session, at: datetime) -> datetime:
     return utc.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else utc
 
 
-def lock_adapter(session: Session, name: AdapterName) -> Adapter:
-    statement = select(Adapter).where(
-        Adapter.namespace == name.namespace, Adapter.name == name.name
-    )
-    adapter: Adapter | None = session.exec(for_update(session, statement)).first()
-    if adapter is None:
-        raise AdapterNotFound(f"adapter {name} does not exist (see lora-reg ls)", adapter=str(name))
-    return adapter
-
-
 def audit(
     session: Session,
     *,
@@ -336,34 +345,6 @@ def audit(
         for row in rows
     ]
     return make_page(items, total, limit, offset)
-
-
-# --- yank --------------------------------------------------------------------------------------
-
-
-def yank(
-    session: Session, adapter: Adapter, version: AdapterVersion, reason: str, actor: str | None
-) -> None:
-    """Mark a version as not to be used (the adapter row must be locked by the caller).
-
-    Nothing is deleted. Refused while an alias points at it; yanking twice keeps the first.
-    """
-    if version.yanked_at is not None:
-        return
-    pointing = session.exec(select(Alias.name).where(Alias.version_id == version.id)).all()
-    label = f"{_adapter_label(adapter)}@{version.number}"
-    if pointing:
-        raise Conflict(
-            f"{label} is what {', '.join(pointing)} point(s) at: move those aliases to another "
-            f"version first (lora-reg alias set {_adapter_label(adapter)}@N ALIAS)",
-            aliases=list(pointing),
-        )
-    version.yanked_at, version.yanked_by, version.yank_reason = datetime.now(UTC), actor, reason
-    session.add(version)
-    record(
-        session, actor, events.VersionYanked(subject=label, digest=version.digest, reason=reason)
-    )
-    session.flush()
 
 
 # --- identify ----------------------------------------------------------------------------------

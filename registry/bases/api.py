@@ -42,8 +42,7 @@ def register_base(
 ) -> BaseOut:
     """Register a base from an S3 prefix (write tokens: inside LORA_REG_BASE_SOURCES), uploaded
     files, or a signature the client read."""
-    service.check_base_source(settings, caller.scope, caller.name, request)
-    base = service.register_base(session, store, settings, request, caller.name)
+    base = service.register_base(session, store, settings, caller, request)
     if not base.created:
         response.status_code = status.HTTP_200_OK
     return base

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from sqlmodel import Session, col, select
 
+from registry.access import Caller
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
 from registry.core import events
@@ -37,7 +38,6 @@ from registry.core.schemas import (
     BaseRegisterRequest,
     FileSpec,
     Page,
-    Scope,
     UploadPlan,
     VersionFileOut,
     make_page,
@@ -82,13 +82,12 @@ def _server_read(request: BaseRegisterRequest) -> Target | None:
         raise InvalidBase(f"invalid base source: {exc}", source=request.source[:200]) from None
 
 
-def check_base_source(
-    settings: Settings, scope: Scope, name: str | None, request: BaseRegisterRequest
-) -> None:
+def check_base_source(settings: Settings, caller: Caller, request: BaseRegisterRequest) -> None:
     """The server reads an s3:// source with its own credentials, and every read token then gets
     its config.json back: a write token may name only places inside LORA_REG_BASE_SOURCES;
     admins anywhere. Sources the client reads itself need no permission."""
     location = _server_read(request)
+    name, scope = caller.name, caller.scope
     if location is None or scope == "admin":
         return
     if any(target_within(location, allowed) for allowed in settings.base_source_list):
@@ -174,9 +173,13 @@ def register_base(
     session: Session,
     store: ObjectStore,
     settings: Settings,
+    caller: Caller,
     request: BaseRegisterRequest,
-    actor: str | None,
 ) -> BaseOut:
+    """Register a base from an S3 prefix the server reads (write tokens: inside
+    LORA_REG_BASE_SOURCES), uploaded files, or a signature the client read."""
+    check_base_source(settings, caller, request)
+    actor = caller.name
     ref = parse_base(request.base)
     signature, source, entries = _signature(store, settings, request)
     _check_signature(signature)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from registry.auth import READ, WorkerAccess, WriteAccess, check_merge_target
+from registry.auth import READ, WorkerAccess, WriteAccess
 from registry.core.jobs import (
     ArtifactOut,
     Claim,
@@ -46,8 +46,7 @@ def request_merge(
 ) -> JobOut:
     """Queue a merge of an adapter version into a registered base (checked with the merge
     profile first). A request matching a succeeded job returns it (`memoized`) unless `force`."""
-    check_merge_target(settings, caller, request.target)
-    job = service.request_merge(session, store, settings, request, caller.name)
+    job = service.request_merge(session, store, settings, caller, request)
     if not job.created:
         response.status_code = status.HTTP_200_OK
     return job

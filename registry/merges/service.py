@@ -20,7 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry.access import Caller, check_merge_target
 from registry.adapters import service as adapters
+from registry.adapters.repository import resolve
 from registry.bases import service as bases
 from registry.blobs import service as blobs
 from registry.blobs.service import adopt_stored, blob_url
@@ -175,14 +177,17 @@ def request_merge(
     session: Session,
     store: ObjectStore,
     settings: Settings,
+    caller: Caller,
     request: MergeRequest,
-    actor: str | None,
 ) -> JobOut:
-    """Queue a merge, or return the job that already answers it (memoized, or in flight)."""
+    """Queue a merge, or return the job that already answers it (memoized, or in flight), if
+    the caller may send merges to its target."""
+    check_merge_target(settings, caller, request.target)
+    actor = caller.name
     ref = parse_reference(request.adapter)
     target = str(parse_target(request.target))
     options = request.options
-    version = adapters.resolve(session, ref)
+    version = resolve(session, ref)
     assert version.id is not None
     label = f"{ref.name}@{version.number}"
     if version.yanked_at is not None:
