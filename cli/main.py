@@ -187,6 +187,8 @@ def pull(
         result = client.pull(
             ref, output, force=force, allow_yanked=allow_yanked, progress=progress()
         )
+    if result.version.note:
+        err.print(f"note: {escape(result.version.note)}")
     if as_json:
         emit_json(
             {
@@ -272,6 +274,8 @@ def show(
     """Show one version: metadata, metrics, lineage and files."""
     with registry() as client:
         version = client.get(ref)
+    if version.note:
+        err.print(f"note: {escape(version.note)}")
     if as_json:
         emit_json(version)
         return

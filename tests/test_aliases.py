@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from cli.client import Registry
-from registry.core.errors import AliasNotFound, InvalidReference, VersionYanked
+from registry.core.errors import AliasNotFound, InvalidReference, VersionNotFound, VersionYanked
 from tests.conftest import RunningServer, unique_name
 
 
@@ -249,3 +249,33 @@ def test_a_yanked_version_is_kept_but_refused(
     assert "leaks PII" in shown.stdout
     events = client.audit(action="version.yank", subject=name).items
     assert [(e.subject, e.details["reason"]) for e in events] == [(f"{name}@1", "leaks PII")]
+
+
+def test_latest_is_the_newest_version_that_is_not_yanked(
+    client: Registry, server: RunningServer, adapter_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    name = push_versions(client, adapter_dir, 3)
+    client.yank(f"{name}@3", "diverged")
+    client.yank(f"{name}@2", "diverged")
+    latest = client.get(name)
+    assert latest.number == 1 and latest.yanked_at is None
+    assert latest.note is not None and "2, 3" in latest.note
+
+    pulled = server.cli("pull", name, "-o", str(tmp_path / "latest"))
+    assert pulled.returncode == 0, pulled.stderr
+    assert "@1" in pulled.stdout and "yanked" in pulled.stderr  # the note says what was skipped
+    assert client.identify(tmp_path / "latest").status == "exact"
+    by_number = server.cli("pull", f"{name}@3", "-o", str(tmp_path / "three"))
+    assert by_number.returncode == 4 and "version_yanked" in by_number.stderr
+    assert (
+        server.cli("pull", f"{name}@3", "-o", str(tmp_path / "three"), "--allow-yanked").returncode
+        == 0
+    )
+
+    listed = server.cli("ls", name.split("/")[0], "--json")
+    assert [a["latest"]["number"] for a in json.loads(listed.stdout)["items"]] == [1]
+    assert client.versions(name).total == 3  # yanked versions are still listed
+
+    client.yank(f"{name}@1", "diverged")
+    with pytest.raises(VersionNotFound, match=r"every version .* is yanked"):
+        client.get(name)

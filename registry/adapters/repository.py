@@ -64,8 +64,12 @@ def resolve(session: Session, ref: Reference) -> AdapterVersion:
     adapter = get_adapter_row(session, ref.name)
     query = select(AdapterVersion).where(col(AdapterVersion.adapter_id) == adapter.id)
     selector = ref.selector
-    if selector.kind == "latest":
-        query = query.order_by(col(AdapterVersion.number).desc()).limit(1)
+    if selector.kind == "latest":  # the newest version that is not yanked, as pip does
+        query = (
+            query.where(col(AdapterVersion.yanked_at).is_(None))
+            .order_by(col(AdapterVersion.number).desc())
+            .limit(1)
+        )
     elif selector.kind == "number":
         query = query.where(AdapterVersion.number == selector.number)
     elif selector.kind == "digest":
@@ -82,8 +86,29 @@ def resolve(session: Session, ref: Reference) -> AdapterVersion:
         return aliased
     version = session.exec(query).first()
     if version is None:
+        if selector.kind == "latest" and yanked_after(session, adapter.id, 0):
+            raise VersionNotFound(
+                f"every version of {ref.name} is yanked: name one (NAME@N) and pass "
+                f"--allow-yanked to pull it anyway (see lora-reg versions {ref.name})",
+                reference=str(ref),
+            )
         what = "no versions yet" if selector.kind == "latest" else f"no version {selector}"
         raise VersionNotFound(
             f"{ref.name} has {what} (see lora-reg versions {ref.name})", reference=str(ref)
         )
     return version
+
+
+def yanked_after(session: Session, adapter_id: int | None, number: int) -> list[int]:
+    """The numbers of the adapter's yanked versions newer than `number` (what `latest` skips)."""
+    return list(
+        session.exec(
+            select(AdapterVersion.number)
+            .where(
+                col(AdapterVersion.adapter_id) == adapter_id,
+                col(AdapterVersion.number) > number,
+                col(AdapterVersion.yanked_at).is_not(None),
+            )
+            .order_by(col(AdapterVersion.number))
+        ).all()
+    )

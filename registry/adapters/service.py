@@ -21,6 +21,7 @@ from registry.adapters.repository import (
     lock_adapter,
     lock_or_create_adapter,
     resolve,
+    yanked_after,
 )
 from registry.aliases import service as aliases
 from registry.bases import service as bases
@@ -435,8 +436,19 @@ def yank_version(session: Session, caller: Caller, ref: Reference, reason: str) 
 
 
 def get_version(session: Session, ref: Reference) -> VersionOut:
-    """The version a reference points at, with its files."""
-    return version_out(session, ref.name, resolve(session, ref), with_files=True)
+    """The version a reference points at, with its files; `latest` notes the newer yanked
+    versions it skipped."""
+    version = resolve(session, ref)
+    out = version_out(session, ref.name, version, with_files=True)
+    if ref.selector.kind == "latest":
+        skipped = yanked_after(session, version.adapter_id, version.number)
+        if skipped:
+            numbers = ", ".join(str(number) for number in skipped)
+            out.note = (
+                f"latest is @{version.number}: newer version(s) {numbers} are yanked "
+                f"(see lora-reg show {ref.name}@{skipped[-1]})"
+            )
+    return out
 
 
 def version_out(
@@ -524,7 +536,7 @@ def _latest_compat(compat: str) -> Any:
     newer = sa.orm.aliased(AdapterVersion)
     latest = (
         sa.select(sa.func.max(col(newer.number)))
-        .where(col(newer.adapter_id) == Adapter.id)
+        .where(col(newer.adapter_id) == Adapter.id, col(newer.yanked_at).is_(None))
         .correlate(Adapter)
         .scalar_subquery()
     )
@@ -537,7 +549,8 @@ def _latest_compat(compat: str) -> Any:
 
 
 def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
-    """Adapters with their version count and latest version, in two queries for the page."""
+    """Adapters with their version count and latest version (the newest not yanked), in two
+    queries for the page."""
     ids = [adapter.id for adapter in adapters]
     stats = {
         adapter_id: (int(versions), newest_number)
@@ -545,7 +558,9 @@ def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
             sa.select(
                 col(AdapterVersion.adapter_id),
                 sa.func.count(),
-                sa.func.max(col(AdapterVersion.number)),
+                sa.func.max(
+                    sa.case((col(AdapterVersion.yanked_at).is_(None), col(AdapterVersion.number)))
+                ),
             )
             .where(col(AdapterVersion.adapter_id).in_(ids))
             .group_by(col(AdapterVersion.adapter_id))
@@ -556,7 +571,11 @@ def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
         for version in session.exec(
             select(AdapterVersion).where(
                 sa.tuple_(AdapterVersion.adapter_id, AdapterVersion.number).in_(
-                    [(adapter_id, number) for adapter_id, (_, number) in stats.items()]
+                    [
+                        (adapter_id, number)
+                        for adapter_id, (_, number) in stats.items()
+                        if number is not None
+                    ]
                 )
             )
         ).all()

@@ -213,6 +213,7 @@ class VersionOut(BaseModel):
     yank_reason: str | None = None
     files: list[VersionFileOut] | None = None
     created: bool | None = None  # set on commit: False when identical content already existed
+    note: str | None = None  # e.g. which newer yanked versions `latest` skipped
 
 
 class AdapterOut(BaseModel):
