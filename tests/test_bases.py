@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,6 +186,40 @@ def test_incompatible_pushes_are_stored_flagged_or_refused_when_required(
     ]
     with pytest.raises(BaseNotFound, match="not registered"):
         client.push(adapter, unique_name(), base=f"{unique('x')}/y", require_compatible=True)
+
+
+def test_a_repush_with_require_compatible_proves_the_existing_version_or_refuses(
+    client: Registry,
+    server: RunningServer,
+    adapter_dir: Callable[..., Path],
+    base_dir: Callable[..., Path],
+) -> None:
+    adapter = adapter_dir("llama")  # trained on hidden_size 64
+    recorded, other, wider = unique_base(), unique_base(), unique_base()
+    name = unique_name()
+    first = client.push(adapter, name, base=recorded)  # its base is not registered yet
+    assert first.version.compat_status is None
+    client.add_base(recorded, base_dir("llama"))
+    client.add_base(other, base_dir("llama"))
+
+    def repush(*args: str) -> subprocess.CompletedProcess[str]:
+        return server.cli("push", str(adapter), name, "--require-compatible", *args)
+
+    # Another base than the version's: a version never changes, so this is refused.
+    moved = repush("--base", other)
+    assert moved.returncode == 4 and "base never changes" in moved.stderr, moved.stderr
+    assert client.get(f"{name}@1").base_model_id == recorded.split("@")[0]
+    # Its own base: proven now, and the report is recorded on the version.
+    proven = repush("--base", recorded)
+    assert proven.returncode == 0, proven.stderr
+    assert client.get(f"{name}@1").compat_status == "compatible"
+    assert repush().returncode == 0  # without --base: the version's own base as well
+
+    wide_name = unique_name()
+    client.push(adapter, wide_name, base=wider)
+    client.add_base(wider, base_dir("llama", hidden_size=96))
+    refused = server.cli("push", str(adapter), wide_name, "--require-compatible")
+    assert refused.returncode == 8 and "shape_mismatch" in refused.stderr, refused.stderr
 
 
 def test_check_exit_codes_and_json_for_folders_and_references(

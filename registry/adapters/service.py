@@ -147,28 +147,68 @@ def commit_version(
     In this order: validate the request and the caller's right to move the alias; read and
     verify the bytes (no database lock is held while storage is read); check compatibility with
     the base; lock the adapter row (version numbers are assigned one at a time); write.
+
+    Content that already is a version keeps that version's base (a version never changes): a
+    push naming another base is refused, and `require_compatible` proves the existing version
+    compatible with its own base, recording the report on it when the caller may write.
     """
     push = _validate_push(settings, caller, request)
     summary, header, digest = _read_pushed(session, store, push.entries)
-    base_id, base_revision = _pushed_base(push.base, summary)
+    existing = _version_with_digest(session, name, digest)
+    if existing is not None:
+        base_id, base_revision = _repushed_base(name, existing, push.base)
+    else:
+        base_id, base_revision = _pushed_base(push.base, summary)
     report = _push_check(session, summary, header, base_id, base_revision)
     if request.require_compatible or settings.require_compatible:
         _require_compatible(base_id, base_revision, report)
 
     adapter = lock_or_create_adapter(session, name)
-    version = session.exec(
-        select(AdapterVersion).where(
-            col(AdapterVersion.adapter_id) == adapter.id, AdapterVersion.digest == digest
-        )
-    ).first()
+    # Again under the lock: a concurrent push of the same bytes may have created it.
+    version = existing or _version_with_digest(session, name, digest)
     created = version is None
     if version is None:
         version = _insert_version(
             session, adapter, name, push, summary, digest, (base_id, base_revision), report, caller
         )
+    elif report is not None and caller.may_write:
+        _save_report(session, caller, name, version, report)
     if request.alias:
         aliases.set_alias(session, adapter, version, request.alias, caller.name)
     return version_out(session, name, version, with_files=True, created=created)
+
+
+def _version_with_digest(session: Session, name: AdapterName, digest: str) -> AdapterVersion | None:
+    statement = (
+        select(AdapterVersion)
+        .join(Adapter, col(Adapter.id) == AdapterVersion.adapter_id)
+        .where(
+            Adapter.namespace == name.namespace,
+            Adapter.name == name.name,
+            AdapterVersion.digest == digest,
+        )
+    )
+    return session.exec(statement).first()
+
+
+def _repushed_base(
+    name: AdapterName, version: AdapterVersion, base: BaseModelId | None
+) -> tuple[str | None, str | None]:
+    """The base of a version pushed again: its own; a push naming another one is refused."""
+    recorded = (version.base_model_id, version.base_model_revision)
+    if base is not None and (
+        base.id != recorded[0] or (base.revision and base.revision != recorded[1])
+    ):
+        was = recorded[0] + (f"@{recorded[1]}" if recorded[1] else "") if recorded[0] else "none"
+        raise Conflict(
+            f"this content already is {name}@{version.number}, recorded with base {was}, and a "
+            f"version's base never changes: push without --base (or with --base {was}) to get "
+            f"@{version.number} back, or check it against {base} with lora-reg check "
+            f"{name}@{version.number} --base {base}",
+            version=version.number,
+            base=was,
+        )
+    return recorded
 
 
 def _validate_push(settings: Settings, caller: Caller, request: CommitRequest) -> _Push:
@@ -371,26 +411,33 @@ def check_version(
     report = _run_check(summary.raw, header, row, claimed, request.profile, dict(request.options))
     # The report is recorded only against the base a push would pick for this version.
     own = bases.find_base_row(session, version.base_model_id or "", version.base_model_revision)
-    if (
-        caller.may_write
-        and request.profile is None
-        and own is not None
-        and own.id == row.id
-        and version.compat_report != report.model_dump(mode="json")
-    ):
-        version.compat_status = report.status
-        version.compat_base = report.base
-        version.compat_report = report.model_dump(mode="json")
-        session.add(version)
-        record(
-            session,
-            caller.name,
-            events.VersionChecked(
-                subject=f"{ref.name}@{version.number}", base=report.base, status=report.status
-            ),
-        )
-        session.flush()
+    if caller.may_write and request.profile is None and own is not None and own.id == row.id:
+        _save_report(session, caller, ref.name, version, report)
     return report
+
+
+def _save_report(
+    session: Session,
+    caller: Caller,
+    name: AdapterName,
+    version: AdapterVersion,
+    report: CompatReport,
+) -> None:
+    """Record a check against the version's own base on the version (unless it holds it)."""
+    if version.compat_report == report.model_dump(mode="json"):
+        return
+    version.compat_status = report.status
+    version.compat_base = report.base
+    version.compat_report = report.model_dump(mode="json")
+    session.add(version)
+    record(
+        session,
+        caller.name,
+        events.VersionChecked(
+            subject=f"{name}@{version.number}", base=report.base, status=report.status
+        ),
+    )
+    session.flush()
 
 
 def _missing(entries: list[FileEntry]) -> BlobMissing:
