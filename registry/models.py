@@ -205,7 +205,7 @@ class AliasMove(SQLModel, table=True):
 
 
 class MergeJob(SQLModel, table=True):
-    """A request to merge one adapter version into one base, and its run (DESIGN.md §9).
+    """A request to merge one adapter version into one base, and its run (docs/architecture.md §9).
 
     queued -> running (a worker holds a lease until `lease_expires_at`, renewed by heartbeats)
     -> succeeded | failed | cancelled. `memo_key` identifies the output (adapter digest, base,

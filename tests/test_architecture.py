@@ -1,4 +1,4 @@
-"""The layering rules of STYLE.md, checked by reading every module's imports.
+"""The layering rules of docs/architecture.md §16, checked by reading every module's imports.
 
 core is pure; the CLI and workers never import the server; only storage imports boto3; services
 never import FastAPI; API modules never touch SQL; only workers import torch.

@@ -1,6 +1,7 @@
-"""Merge jobs over the API (DESIGN.md §9), without the merge engine: requests with memoization and
-refusals, worker claims with leases and heartbeats, finishing with merged artifacts stored as
-blobs, cancellation, lease expiry with bounded attempts, concurrent claims, and gc.
+"""Merge jobs over the API (docs/architecture.md §9), without the merge engine: requests with
+memoization and refusals, worker claims with leases and heartbeats, finishing with merged
+artifacts stored as blobs, cancellation, lease expiry with bounded attempts, concurrent claims,
+and gc.
 
 Runs against servers of its own (SQLite + folder store, PostgreSQL + SeaweedFS) with no embedded
 worker and LORA_REG_MERGE_MAX_ATTEMPTS=2, so no other test's job is ever claimed here. Each test

@@ -1,6 +1,6 @@
 """The streaming merge engine against PEFT's own `merge_and_unload`, on CPU, bit for bit.
 
-Every case (PEFT_FORMAT.md §7) merges a real PEFT adapter into a tiny random base folder with
+Every case (docs/peft-format.md §7) merges a real PEFT adapter into a tiny random base folder with
 `worker.engine.merge`, builds the reference from the same folders with transformers + PEFT
 (`tests/support/merge_oracle.py`), and checks:
 

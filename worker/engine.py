@@ -16,7 +16,7 @@ that bounds what is in flight: peak memory depends on the piece size, not on the
 largest tensor. Shards are written with O_DIRECT (see `_ShardFile`); a shard is published once it
 is written, hashed and fsynced, while the next one is being written.
 
-The math is PEFT's `merge_and_unload` (PEFT_FORMAT.md §3), in the same float32 order, so CPU
+The math is PEFT's `merge_and_unload` (docs/peft-format.md §3), in the same float32 order, so CPU
 output is bit-identical to PEFT's. Same inputs give byte-identical files: the headers, metadata,
 config and model card depend on nothing but the inputs.
 """

@@ -3,7 +3,7 @@
 `plan_merge` runs the compatibility checker with the `merge` profile (an incompatible adapter is
 refused with its report) and turns the checker's analysis into one `TensorPlan` per output
 tensor: pass through, or replace / add a LoRA delta / add a LoRA bias / overwrite token rows, in
-the order PEFT's `merge_and_unload` applies them (PEFT_FORMAT.md §3). The plan also says which
+the order PEFT's `merge_and_unload` applies them (docs/peft-format.md §3). The plan also says which
 config.json fields change (untie, resized vocabulary, dtype).
 """
 

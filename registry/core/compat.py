@@ -1,4 +1,4 @@
-"""Does a LoRA adapter fit its base model? Decided from headers alone (DESIGN.md §7).
+"""Does a LoRA adapter fit its base model? Decided from headers alone (docs/architecture.md §7).
 
 `check_compatibility` is a pure function of the adapter's config and tensor header, the base's
 config.json and tensor signature (`registry.core.basemodel`), and an optional serving profile

@@ -1,9 +1,9 @@
 """The registry's events: one frozen dataclass per thing that happens, named by a stable action.
 
 Every mutation records one (or more) of these with `registry.events.service.record`, in the same
-transaction as the change: the append-only audit table is the event log (DESIGN.md §12). An
-event's `action` and `subject` are columns of its audit row; its other fields are the row's
-`details`, in the order they are declared. Followers of the log (the CLI's `audit`, the event
+transaction as the change: the append-only audit table is the event log (docs/architecture.md
+§12). An event's `action` and `subject` are columns of its audit row; its other fields are the
+row's `details`, in the order they are declared. Followers of the log (the CLI's `audit`, the event
 stream, webhooks) match on `action`, so an action name never changes once released.
 
 Pure: no SQL, no FastAPI. Imported by the services (to record) and by clients (to read).

@@ -1,4 +1,5 @@
-"""Merge jobs on the wire (DESIGN.md §9): requests, claims, heartbeats, results, and targets.
+"""Merge jobs on the wire (docs/architecture.md §9): requests, claims, heartbeats, results,
+and targets.
 
 Pure: pydantic shapes shared by the server, the Python client and workers, plus the parsing of a
 merge target (`registry`, `dir:/abs/path`, `s3://bucket/prefix`, `hub:org/repo[@branch]`) and the

@@ -1,4 +1,4 @@
-"""Adapter names, references and base model ids (DESIGN.md §3).
+"""Adapter names, references and base model ids (docs/architecture.md §3).
 
 Parsing only: turning user text into validated values or raising `InvalidName` /
 `InvalidReference`. Resolution of a reference to a version is the server's job.

@@ -1,4 +1,4 @@
-"""Recording events: the one place an audit row is written (DESIGN.md §12).
+"""Recording events: the one place an audit row is written (docs/architecture.md §12).
 
 Services call `record` inside the request's transaction, beside the change the event describes,
 so the event exists exactly when the change does; it flushes nothing and never commits. The audit

@@ -1,1 +1,1 @@
-"""Merge jobs: requests, worker claims with leases, merged artifacts (DESIGN.md §9)."""
+"""Merge jobs: requests, worker claims with leases, merged artifacts (docs/architecture.md §9)."""

@@ -1,5 +1,5 @@
-"""Merge jobs (DESIGN.md §9): requests with memoization, claims with leases, heartbeats, finishes,
-cancellation, and the merged artifacts succeeded jobs record.
+"""Merge jobs (docs/architecture.md §9): requests with memoization, claims with leases,
+heartbeats, finishes, cancellation, and the merged artifacts succeeded jobs record.
 
 Called by `registry.merges.api` inside one request transaction; flushes, never commits. Two
 workers never hold one job: on PostgreSQL a claim takes the oldest queued row with

@@ -14,7 +14,7 @@ from registry.core.errors import (
     exit_code_for,
 )
 
-# STYLE.md "Errors": HTTP status -> CLI exit code.
+# docs/architecture.md §16 ("Errors"): HTTP status -> CLI exit code.
 EXIT_CODE_BY_STATUS = {
     404: 3,
     409: 4,
@@ -72,7 +72,7 @@ def test_status_is_a_known_http_status(code: str, cls: type[RegistryError]) -> N
 
 @pytest.mark.parametrize(("code", "cls"), REGISTERED, ids=[code for code, _ in REGISTERED])
 def test_exit_code_follows_the_status(code: str, cls: type[RegistryError]) -> None:
-    # STYLE.md: an incompatible adapter is invalid input (422) with an exit code of its own.
+    # docs/architecture.md §16: incompatible is invalid input (422) with its own exit code.
     expected = 8 if code == "incompatible" else EXIT_CODE_BY_STATUS[cls.status]
     assert cls.exit_code == expected
     assert exit_code_for(code) == cls.exit_code

@@ -272,8 +272,8 @@ def test_check_manifest_refuses_an_empty_manifest() -> None:
 
 
 def spec_digest(files: list[FileEntry]) -> str:
-    """The digest as DESIGN.md words it: sha256 of sorted `path size sha256` lines, each ending
-    in a newline. (Sorting lines and sorting by path agree for paths without spaces.)"""
+    """The digest as docs/architecture.md §3 words it: sha256 of sorted `path size sha256` lines,
+    each ending in a newline. (Sorting lines and sorting by path agree for paths without spaces.)"""
     lines = sorted(f"{f.path} {f.size} {f.sha256}\n" for f in files)
     return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
@@ -303,7 +303,7 @@ def test_canonical_manifest_encodes_paths_as_utf8() -> None:
 
 def test_canonical_manifest_orders_by_path_when_paths_contain_spaces() -> None:
     # "a" sorts before "a 0" as a path, but "a 5 ..." sorts after "a 0 3 ..." as a line: the
-    # implementation orders by path (the module docstring), which DESIGN.md should say.
+    # implementation orders by path (the module docstring), as docs/architecture.md §3 says.
     files = [FileEntry("a 0", 3, "d" * 64), FileEntry("a", 5, "e" * 64)]
     assert canonical_manifest(files).startswith(b"a 5 ")
 

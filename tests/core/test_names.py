@@ -1,4 +1,4 @@
-"""registry.core.names: adapter names, references and base model ids (DESIGN.md section 3)."""
+"""registry.core.names: adapter names, references, base model ids (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

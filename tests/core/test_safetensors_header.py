@@ -1,6 +1,6 @@
 """registry.core.safetensors_header: headers read and checked without touching tensor data.
 
-Files are built byte by byte here (u64 little-endian length + JSON + data, PEFT_FORMAT.md
+Files are built byte by byte here (u64 little-endian length + JSON + data, docs/peft-format.md
 section 6) and also written by the real `safetensors` library.
 """
 
@@ -25,7 +25,7 @@ from registry.core.safetensors_header import (
     read_header_from_file,
 )
 
-# Bits per element, written out independently of the module (PEFT_FORMAT.md section 6).
+# Bits per element, written out independently of the module (docs/peft-format.md section 6).
 SPEC_DTYPE_BITS = {
     "BOOL": 8,
     "U8": 8,

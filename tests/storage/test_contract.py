@@ -1,4 +1,4 @@
-"""The storage contract (DESIGN.md §5), run against both backends.
+"""The storage contract (docs/architecture.md §5), run against both backends.
 
 Every test taking `store` runs on a `FolderStore` in a temp dir and on an `S3Store` against the
 session's real SeaweedFS (a fresh bucket, prefix `reg`). Direct transfers (presigned URLs,
