@@ -82,6 +82,7 @@ from registry.core.schemas import (
     AuditEventOut,
     BaseOut,
     CompletedPart,
+    EventPage,
     GcOut,
     IdentifyOut,
     Page,
@@ -465,6 +466,19 @@ class Registry:
             if text:
                 params[key] = text
         return Page[AuditEventOut].model_validate(self._json("GET", "/api/v1/audit", params=params))
+
+    def events(
+        self, after: int = 0, *, wait: float = 0, actions: Sequence[str] = (), limit: int = 100
+    ) -> EventPage:
+        """Events with an id above `after`, oldest first (`after=-1`: none, and the newest id,
+        where a new follower starts); `wait` seconds (at most 30) blocks until one arrives.
+        Ask again with `after=page.last_id`."""
+        params: dict[str, Any] = {"after": after, "wait": wait, "limit": limit}
+        if actions:
+            params["action"] = list(actions)
+        return EventPage.model_validate(
+            self._json("GET", "/api/v1/events", params=params, timeout=wait + 30)
+        )
 
     def yank(self, ref: str, reason: str) -> VersionOut:
         """Mark a version as not to be used (pull refuses it; no alias may point at it)."""

@@ -75,6 +75,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/merges/{job_id}"): "read",
     ("GET", "/api/v1/merges/artifacts/{digest}"): "read",
     ("GET", "/api/v1/merges/workers"): "read",
+    ("GET", "/api/v1/events"): "read",
     ("POST", "/api/v1/merges"): "write",
     ("POST", "/api/v1/merges/{job_id}/cancel"): "write",
     ("POST", "/api/v1/merges/claim"): "worker",

@@ -309,6 +309,13 @@ class AuditEventOut(BaseModel):
     details: dict[str, Any]
 
 
+class EventPage(BaseModel):
+    """Events after a cursor, oldest first; ask again with `after=last_id`."""
+
+    items: list[AuditEventOut]
+    last_id: int
+
+
 class IdentifyRequest(BaseModel):
     files: list[FileSpec]  # what is on disk: (path, size, sha256) of each file
 
