@@ -151,11 +151,24 @@ def resolve(
 
 def who_runs(
     alias: Annotated[str, typer.Argument(help="Alias name, e.g. production.")],
+    observed: Annotated[
+        bool,
+        typer.Option(
+            "--observed",
+            help="What serving engines report they run for adapters with this alias, and drift.",
+        ),
+    ] = False,
     limit: Annotated[int, typer.Option(help="Page size.")] = 100,
     offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every adapter whose alias is set: version, digest, since when, by whom."""
+    """Every adapter whose alias is set: version, digest, since when, by whom (--observed:
+    what the serving engines really run)."""
+    if observed:
+        from cli.deployment_commands import deployments
+
+        deployments(None, alias=alias, limit=limit, offset=offset, as_json=as_json)
+        return
     with registry() as client:
         page = client.who_runs(alias, limit=limit, offset=offset)
     if as_json:

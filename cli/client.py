@@ -82,6 +82,8 @@ from registry.core.schemas import (
     AuditEventOut,
     BaseOut,
     CompletedPart,
+    DeploymentOut,
+    DeploymentReport,
     EventPage,
     GcOut,
     IdentifyOut,
@@ -446,6 +448,33 @@ class Registry:
         params = {"limit": limit, "offset": offset}
         data = self._json("GET", f"/api/v1/aliases/{alias}", params=params)
         return Page[AliasOut].model_validate(data)
+
+    def deployments(
+        self,
+        adapter: str | None = None,
+        *,
+        alias: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page[DeploymentOut]:
+        """Serving engine instances and what each has loaded, with drift against the aliases."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if adapter:
+            params["adapter"] = str(parse_name(adapter))
+        if alias:
+            params["alias"] = alias
+        data = self._json("GET", "/api/v1/deployments", params=params)
+        return Page[DeploymentOut].model_validate(data)
+
+    def report_deployment(self, instance_id: str, report: DeploymentReport) -> DeploymentOut:
+        """A serving engine's full loaded set as it is now (`serving` token)."""
+        body = report.model_dump(mode="json")
+        data = self._json("PUT", f"/api/v1/deployments/{instance_id}", json=body)
+        return DeploymentOut.model_validate(data)
+
+    def forget_deployment(self, instance_id: str) -> None:
+        """A serving engine stopped: what it had loaded is recorded as unloaded."""
+        self._request("DELETE", f"/api/v1/deployments/{instance_id}")
 
     def audit(
         self,

@@ -361,6 +361,7 @@ def _register_commands() -> None:
         who_runs,
         yank,
     )
+    from cli.deployment_commands import deployments
     from cli.merge_commands import jobs, merge, worker
     from cli.server_commands import db_app, server
     from cli.token_commands import token_app, whoami
@@ -369,6 +370,7 @@ def _register_commands() -> None:
     for command in (history, resolve, audit, identify, yank, gc):
         app.command()(command)
     app.command("who-runs")(who_runs)
+    app.command()(deployments)
     app.command()(check)
     app.add_typer(base_app, name="base")
     app.command()(merge)

@@ -4,8 +4,9 @@ Every surface (the REST API today; the Hugging Face protocol, the web UI and the
 they come) finds its `Caller` in its own way (`registry.auth`) and then calls the same services,
 which apply these rules themselves, so a rule holds whichever surface a request came through.
 
-Pure rules: no FastAPI, no SQL. Scopes: `read` < `write` < `admin`, and `worker` (read + the merge
-job endpoints). With `LORA_REG_AUTH=off` (loopback only) every caller is `ANONYMOUS`, an admin.
+Pure rules: no FastAPI, no SQL. Scopes: `read` < `write` < `admin`, `worker` (read + the merge
+job endpoints) and `serving` (read + deployment reports). With `LORA_REG_AUTH=off` (loopback
+only) every caller is `ANONYMOUS`, an admin.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from registry.core.jobs import parse_target, target_within
 from registry.core.schemas import Scope
 from registry.settings import Settings
 
-Need = Literal["public", "read", "write", "admin", "worker", "upload"]
+Need = Literal["public", "read", "write", "admin", "worker", "upload", "serving"]
 
 # Which token scopes satisfy each need. `upload` is blob bytes: sent by pushes (write) and by
 # merge workers publishing to the registry (worker).
 ALLOWED: dict[Need, frozenset[Scope]] = {
-    "read": frozenset({"read", "write", "admin", "worker"}),
+    "read": frozenset({"read", "write", "admin", "worker", "serving"}),
     "write": frozenset({"write", "admin"}),
     "admin": frozenset({"admin"}),
     "worker": frozenset({"worker", "admin"}),
     "upload": frozenset({"write", "worker", "admin"}),
+    # A serving engine (the vLLM plugin): read, plus reporting what it loaded.
+    "serving": frozenset({"serving", "admin"}),
 }
 
 

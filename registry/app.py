@@ -26,6 +26,7 @@ from registry.blobs.api import router as blobs_router
 from registry.core.errors import DatabaseUnavailable, RegistryError
 from registry.core.schemas import Problem
 from registry.db import make_engine
+from registry.deployments.api import router as deployments_router
 from registry.events.api import router as events_router
 from registry.merges.api import router as merges_router
 from registry.settings import Settings
@@ -131,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(merges_router)
     app.include_router(tokens_router)
     app.include_router(events_router)
+    app.include_router(deployments_router)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

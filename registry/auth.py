@@ -167,6 +167,7 @@ ReadAccess = Annotated[Caller, Depends(_require("read"))]
 WriteAccess = Annotated[Caller, Depends(_require("write"))]
 AdminAccess = Annotated[Caller, Depends(_require("admin"))]
 WorkerAccess = Annotated[Caller, Depends(_require("worker"))]
+ServingAccess = Annotated[Caller, Depends(_require("serving"))]
 PUBLIC: Any = Depends(_require("public"))
 READ: Any = Depends(_require("read"))
 WRITE: Any = Depends(_require("write"))

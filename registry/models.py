@@ -264,6 +264,38 @@ class MergeWorker(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
 
 
+class Deployment(SQLModel, table=True):
+    """A serving engine instance (e.g. vLLM with the lora_registry plugin) that reports what it
+    has loaded. `last_seen_at` moves on every report; one that stops reporting is gone."""
+
+    __tablename__ = "deployments"
+
+    instance_id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(max_length=255)
+    port: int | None = None
+    engine: str = Field(max_length=32)
+    engine_version: str = Field(max_length=64)
+    served_model: str = Field(max_length=1024)
+    base_signature: str | None = Field(default=None, max_length=71)
+    reported_by: str | None = Field(default=None, max_length=200)  # the token name
+    first_seen_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class DeploymentAdapter(SQLModel, table=True):
+    """An adapter version a deployment has loaded now, under the name the engine knows it by."""
+
+    __tablename__ = "deployment_adapters"
+
+    instance_id: str = Field(foreign_key="deployments.instance_id", primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=300)  # e.g. ns/name@production
+    reference: str = Field(max_length=300)  # as asked
+    adapter: str = Field(max_length=200, index=True)  # ns/name
+    version: int
+    digest: str = Field(max_length=71)
+    loaded_at: datetime = Field(sa_column=_timestamp())
+
+
 class MergedArtifact(SQLModel, table=True):
     """A merged checkpoint: lineage (adapter digest + base revision + options) -> its files.
 

@@ -76,6 +76,9 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/merges/artifacts/{digest}"): "read",
     ("GET", "/api/v1/merges/workers"): "read",
     ("GET", "/api/v1/events"): "read",
+    ("GET", "/api/v1/deployments"): "read",
+    ("PUT", "/api/v1/deployments/{instance_id}"): "serving",
+    ("DELETE", "/api/v1/deployments/{instance_id}"): "serving",
     ("POST", "/api/v1/merges"): "write",
     ("POST", "/api/v1/merges/{job_id}/cancel"): "write",
     ("POST", "/api/v1/merges/claim"): "worker",
@@ -87,16 +90,17 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/tokens/{name}"): "admin",
     ("GET", "/api/v1/whoami"): "read",
 }
-# Which token scopes each need admits (DESIGN §10: read < write < admin, and worker).
+# Which token scopes each need admits (read < write < admin, and worker and serving beside).
 ADMITS: dict[str, set[str]] = {
-    "public": {"read", "write", "admin", "worker"},
-    "read": {"read", "write", "admin", "worker"},
+    "public": {"read", "write", "admin", "worker", "serving"},
+    "read": {"read", "write", "admin", "worker", "serving"},
     "write": {"write", "admin"},
     "admin": {"admin"},
     "worker": {"worker", "admin"},
     "upload": {"write", "worker", "admin"},
+    "serving": {"serving", "admin"},
 }
-SCOPES = ("read", "write", "admin", "worker")
+SCOPES = ("read", "write", "admin", "worker", "serving")
 BAD_CREDENTIALS = ("none", "malformed", "unknown", "revoked")
 PATH_VALUES = {
     "namespace": "nobody",
@@ -106,6 +110,7 @@ PATH_VALUES = {
     "ref:path": "nobody/nothing",
     "job_id": "0" * 32,
     "alias": "staging",
+    "instance_id": "vllm-0",
 }
 
 

@@ -118,6 +118,29 @@ class TokenRevoked(Event):
     scope: str
 
 
+# --- deployments (`subject`: the adapter version, ns/name@N) ------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterLoaded(Event):
+    """A serving engine instance loaded a version (or reloaded a name onto another one)."""
+
+    action: ClassVar[str] = "deployment.load"
+    instance: str
+    name: str  # what the engine serves it as
+    reference: str
+    digest: str
+    previous: str | None  # the digest served under `name` before a reload
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterUnloaded(Event):
+    action: ClassVar[str] = "deployment.unload"
+    instance: str
+    name: str
+    digest: str
+
+
 # --- merge jobs (`subject`: the adapter, ns/name@N) --------------------------------------------
 
 
@@ -236,6 +259,8 @@ ACTIONS: frozenset[str] = frozenset(
         BlobsCollected,
         TokenCreated,
         TokenRevoked,
+        AdapterLoaded,
+        AdapterUnloaded,
         MergeRequested,
         MergeStarted,
         MergeCancelRequested,

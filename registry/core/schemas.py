@@ -401,8 +401,8 @@ class Problem(BaseModel):
 
 # --- tokens ------------------------------------------------------------------------------------
 
-Scope = Literal["read", "write", "admin", "worker"]
-SCOPES: tuple[Scope, ...] = ("read", "write", "admin", "worker")
+Scope = Literal["read", "write", "admin", "worker", "serving"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin", "worker", "serving")
 TOKEN_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -443,3 +443,54 @@ class WhoAmI(BaseModel):
     name: str | None  # None: the server runs with LORA_REG_AUTH=off
     scope: Scope
     auth: bool
+
+
+# --- deployments (what serving engines report they loaded) -----------------------------------
+
+MAX_LOADED = 1000  # adapters one engine instance may report at once
+INSTANCE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+class LoadedAdapter(BaseModel):
+    """An adapter version an engine has loaded, under the name it serves it by."""
+
+    name: str = Field(min_length=1, max_length=300)  # e.g. ns/name@production
+    reference: str = Field(min_length=1, max_length=300)  # as asked
+    adapter: str = Field(min_length=3, max_length=200)  # ns/name
+    version: int = Field(ge=1)
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    loaded_at: datetime
+
+
+class DeploymentReport(BaseModel):
+    """An engine instance's full loaded set, as it is now (reports are idempotent)."""
+
+    host: str = Field(min_length=1, max_length=255)
+    port: int | None = Field(default=None, ge=0, le=65535)
+    engine: str = Field(min_length=1, max_length=32)
+    engine_version: str = Field(default="", max_length=64)
+    served_model: str = Field(min_length=1, max_length=1024)
+    base_signature: str | None = Field(default=None, pattern=DIGEST_PATTERN)
+    loaded: list[LoadedAdapter] = Field(default_factory=list, max_length=MAX_LOADED)
+
+
+class LoadedOut(LoadedAdapter):
+    # Why what runs differs from what was meant, or None: the alias moved on, no alias points
+    # at the version, the version is yanked.
+    drift: str | None = None
+
+
+class DeploymentOut(BaseModel):
+    instance_id: str
+    host: str
+    port: int | None
+    engine: str
+    engine_version: str
+    served_model: str
+    base_signature: str | None
+    reported_by: str | None
+    first_seen: datetime
+    last_seen: datetime
+    alive: bool  # reported within the last DEPLOYMENT_TTL_S seconds
+    loaded: list[LoadedOut]
