@@ -82,6 +82,7 @@ from registry.core.schemas import (
     AuditEventOut,
     BaseOut,
     CompletedPart,
+    DeliveryOut,
     DeploymentOut,
     DeploymentReport,
     EventPage,
@@ -96,6 +97,7 @@ from registry.core.schemas import (
     UploadPlan,
     VersionFileOut,
     VersionOut,
+    WebhookOut,
     WhoAmI,
     check_metrics,
     check_strings,
@@ -475,6 +477,26 @@ class Registry:
     def forget_deployment(self, instance_id: str) -> None:
         """A serving engine stopped: what it had loaded is recorded as unloaded."""
         self._request("DELETE", f"/api/v1/deployments/{instance_id}")
+
+    def add_webhook(self, url: str, events: Sequence[str], secret: str) -> WebhookOut:
+        """POST every event from now on (or only these actions) to `url`, signed (admin)."""
+        body = {"url": url, "events": list(events), "secret": secret}  # the server checks it
+        return WebhookOut.model_validate(self._json("POST", "/api/v1/webhooks", json=body))
+
+    def webhooks(self) -> Page[WebhookOut]:
+        return Page[WebhookOut].model_validate(self._json("GET", "/api/v1/webhooks"))
+
+    def remove_webhook(self, webhook_id: int) -> None:
+        self._request("DELETE", f"/api/v1/webhooks/{webhook_id}")
+
+    def webhook_deliveries(
+        self, webhook_id: int, *, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> Page[DeliveryOut]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        data = self._json("GET", f"/api/v1/webhooks/{webhook_id}/deliveries", params=params)
+        return Page[DeliveryOut].model_validate(data)
 
     def audit(
         self,

@@ -365,6 +365,7 @@ def _register_commands() -> None:
     from cli.merge_commands import jobs, merge, worker
     from cli.server_commands import db_app, server
     from cli.token_commands import token_app, whoami
+    from cli.webhook_commands import webhook_app
 
     app.add_typer(alias_app, name="alias")
     for command in (history, resolve, audit, identify, yank, gc):
@@ -379,6 +380,7 @@ def _register_commands() -> None:
     app.command()(server)
     app.add_typer(db_app, name="db")
     app.add_typer(token_app, name="token")
+    app.add_typer(webhook_app, name="webhook")
     app.command()(whoami)
     _global_options_everywhere(app)
 

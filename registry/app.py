@@ -32,6 +32,7 @@ from registry.merges.api import router as merges_router
 from registry.settings import Settings
 from registry.storage import open_store
 from registry.tokens.api import router as tokens_router
+from registry.webhooks.api import router as webhooks_router
 
 log = logging.getLogger("registry")
 
@@ -133,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tokens_router)
     app.include_router(events_router)
     app.include_router(deployments_router)
+    app.include_router(webhooks_router)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

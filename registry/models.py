@@ -296,6 +296,46 @@ class DeploymentAdapter(SQLModel, table=True):
     loaded_at: datetime = Field(sa_column=_timestamp())
 
 
+class Webhook(SQLModel, table=True):
+    """An endpoint the registry POSTs events to, signed with its secret (Standard Webhooks).
+
+    `cursor` is the id of the last event considered for it: the delivery loop turns the events
+    after it that match `events` into delivery rows, then moves it on.
+    """
+
+    __tablename__ = "webhooks"
+
+    id: int | None = Field(default=None, primary_key=True)
+    url: str = Field(max_length=2048)
+    events: list[str] = Field(sa_column=_json())  # actions, e.g. ["alias.set"]; [] = every one
+    secret: str = Field(max_length=200)  # needed to sign; never returned by the API
+    cursor: int = Field(default=0, sa_type=sa.BigInteger)
+    created_by: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one webhook: pending until delivered (2xx) or out of attempts (failed)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("webhook_id", "event_id", name="uq_deliveries_webhook_event"),
+        sa.Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(foreign_key="webhooks.id", index=True)
+    event_id: int = Field(sa_type=sa.BigInteger)
+    status: str = Field(default="pending", max_length=16)  # pending | succeeded | failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=_timestamp())
+    last_status: int | None = None  # the endpoint's HTTP status on the last attempt
+    last_error: str | None = Field(default=None, max_length=500)
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=True)
+    )
+
+
 class MergedArtifact(SQLModel, table=True):
     """A merged checkpoint: lineage (adapter digest + base revision + options) -> its files.
 

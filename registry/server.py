@@ -196,8 +196,12 @@ def serve(host: str, port: int, log_level: str = "info", embedded_worker: bool =
             issue_internal_token(app, EMBEDDED_WORKER_ACTOR, "worker") if settings.auth else None
         )
         stop = start_embedded_worker(host, port, token)
+    from registry.webhooks.sender import start_webhook_sender
+
+    stop_webhooks = start_webhook_sender(app.state.engine)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
+        stop_webhooks.set()
         if stop is not None:
             stop.set()

@@ -79,6 +79,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/deployments"): "read",
     ("PUT", "/api/v1/deployments/{instance_id}"): "serving",
     ("DELETE", "/api/v1/deployments/{instance_id}"): "serving",
+    ("POST", "/api/v1/webhooks"): "admin",
+    ("GET", "/api/v1/webhooks"): "admin",
+    ("DELETE", "/api/v1/webhooks/{webhook_id}"): "admin",
+    ("GET", "/api/v1/webhooks/{webhook_id}/deliveries"): "admin",
     ("POST", "/api/v1/merges"): "write",
     ("POST", "/api/v1/merges/{job_id}/cancel"): "write",
     ("POST", "/api/v1/merges/claim"): "worker",
@@ -111,6 +115,7 @@ PATH_VALUES = {
     "job_id": "0" * 32,
     "alias": "staging",
     "instance_id": "vllm-0",
+    "webhook_id": "1",
 }
 
 

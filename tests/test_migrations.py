@@ -71,7 +71,7 @@ def test_server_refuses_to_start_on_a_postgres_schema_that_is_behind(
     assert run_cli("db", "current", cwd=tmp_path, env=env).returncode == 1
     assert run_cli("db", "upgrade", cwd=tmp_path, env=env).returncode == 0
     current = run_cli("db", "current", cwd=tmp_path, env=env)
-    assert current.returncode == 0 and "current: 0007" in current.stdout
+    assert current.returncode == 0 and "current: 0008" in current.stdout
 
 
 def test_server_refuses_invalid_settings_with_a_clear_message(tmp_path: Path) -> None:

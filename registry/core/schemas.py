@@ -494,3 +494,36 @@ class DeploymentOut(BaseModel):
     last_seen: datetime
     alive: bool  # reported within the last DEPLOYMENT_TTL_S seconds
     loaded: list[LoadedOut]
+
+
+# --- webhooks --------------------------------------------------------------------------------
+
+
+class WebhookCreate(BaseModel):
+    url: str = Field(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$")
+    events: list[str] = Field(default_factory=list, max_length=100)  # actions; [] = all
+    secret: str = Field(min_length=16, max_length=200)
+
+
+class WebhookOut(BaseModel):
+    id: int
+    url: str
+    events: list[str]
+    created_by: str | None
+    created_at: datetime
+    pending: int  # deliveries waiting (or retrying)
+    failed: int  # deliveries that ran out of attempts
+
+
+class DeliveryOut(BaseModel):
+    id: int
+    webhook_id: int
+    event_id: int
+    action: str
+    subject: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None  # None once it is no longer pending
+    last_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None
