@@ -28,6 +28,7 @@ from registry.core.schemas import Problem
 from registry.db import make_engine
 from registry.deployments.api import router as deployments_router
 from registry.events.api import router as events_router
+from registry.guards import BodyLimitMiddleware, CloseUnreadBodyMiddleware, LoopbackHostMiddleware
 from registry.merges.api import router as merges_router
 from registry.settings import Settings
 from registry.storage import open_store
@@ -139,7 +140,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    # Starlette runs the last added first: close-unread-body, host check, auth, body limits.
+    app.add_middleware(BodyLimitMiddleware, settings=settings, render=render)
     app.add_middleware(AuthMiddleware, surfaces=SURFACES)
+    app.add_middleware(LoopbackHostMiddleware, settings=settings, render=render)
+    app.add_middleware(CloseUnreadBodyMiddleware)
 
     @app.get("/healthz", tags=["health"], dependencies=[PUBLIC])
     def healthz() -> dict[str, str]:

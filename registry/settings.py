@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     max_version_bytes: int = Field(default=DEFAULT_MAX_VERSION_BYTES, ge=1)
     # Largest base model stored with `lora-reg base add --upload`.
     max_base_bytes: int = Field(default=4 * 1024**4, ge=1)
+    # Largest request body on every route but the two below, read only after the caller is
+    # authenticated; 8 MiB is twice an identify of 10,000 files with 255-byte paths (3.7 MB).
+    max_json_body: int = Field(default=8 * 1024**2, ge=64 * 1024)
+    # Largest body of POST /api/v1/bases, whose tensor signature lists up to 200,000 tensors.
+    max_base_signature_body: int = Field(default=64 * 1024**2, ge=64 * 1024)
+    # (PUT /api/v1/blobs/{digest} streams to storage and is bounded by max_version_bytes.)
     # Refuse every push that is not proven compatible with a registered base.
     require_compatible: bool = False
     # Blobs above this size are uploaded in parts of `part_size` bytes (S3 store only).

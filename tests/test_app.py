@@ -23,7 +23,9 @@ def app_client(tmp_path: Path) -> TestClient:
         auth=False,
     )
     upgrade(settings)
-    return TestClient(create_app(settings), raise_server_exceptions=False)
+    return TestClient(
+        create_app(settings), raise_server_exceptions=False, base_url="http://127.0.0.1"
+    )
 
 
 def test_health_and_readiness(server: RunningServer) -> None:
@@ -43,7 +45,7 @@ def test_readiness_reports_an_unreachable_store(tmp_path: Path) -> None:
         auth=False,
     )
     upgrade(settings)
-    with TestClient(create_app(settings)) as http:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         response = http.get("/readyz")
     assert response.status_code == 503
     assert response.json()["code"] == "storage_unavailable"
@@ -59,6 +61,8 @@ def concrete(path: str) -> str:
         "ref": "nobody/nothing",
         "job_id": "0" * 32,
         "alias": "production",
+        "instance_id": "vllm-0",
+        "webhook_id": "1",
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 
@@ -132,7 +136,7 @@ def test_large_uploads_through_the_api_stream_into_s3(
     digest = hashlib.sha256(data).hexdigest()
     app = create_app(settings)
     app.state.store.proxy_single_put_limit = 1024 * 1024
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://127.0.0.1") as http:
         wrong = http.put(f"/api/v1/blobs/sha256:{digest}", content=data[:-1] + b"!")
         assert wrong.status_code == 400 and wrong.json()["code"] == "checksum_mismatch"
         assert http.get(f"/api/v1/blobs/sha256:{digest}").status_code == 404
@@ -201,7 +205,9 @@ def test_the_registry_never_registers_its_own_storage_as_a_base(tmp_path: Path) 
         auth=False,
     )
     upgrade(settings)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as http:
+    with TestClient(
+        create_app(settings), raise_server_exceptions=False, base_url="http://127.0.0.1"
+    ) as http:
         for source in ("s3://registry-bucket/objects/blobs", "s3://registry-bucket"):
             response = http.post("/api/v1/bases", json={"base": "o/m", "source": source})
             assert response.json()["code"] == "invalid_base", source

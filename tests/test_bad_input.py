@@ -292,7 +292,7 @@ def test_the_version_size_limit_is_configurable(tmp_path: Path, good, monkeypatc
     )
     upgrade(settings)
     files = [{"path": p, "size": len(b), "sha256": sha(b)} for p, b in good.items()]
-    with TestClient(create_app(settings)) as http:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         response = http.post("/api/v1/adapters/a/b/uploads", json={"files": files})
     assert response.status_code == 413 and response.json()["code"] == "version_too_large"
     assert "1000 bytes" in response.json()["detail"]
@@ -439,6 +439,6 @@ def test_multipart_completion_on_the_folder_store_is_a_clear_error(tmp_path: Pat
     )
     upgrade(settings)
     body = {"upload_id": "x", "key": "uploads/x", "size": 1, "parts": []}
-    with TestClient(create_app(settings)) as http:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as http:
         response = http.post(f"/api/v1/blobs/sha256:{'ab' * 32}/multipart", json=body)
     assert response.status_code == 400 and response.json()["code"] == "upload_mode"

@@ -118,7 +118,10 @@ def test_checks_against_a_registered_base_read_no_base_bytes(
     app.state.store = store
     source = base_dir("llama", max_shard_size="40KB")
     adapter = adapter_dir("llama", target_modules="all-linear")
-    with TestClient(app) as http, Registry("http://testserver", cache_dir=tmp_path / "c") as client:
+    with (
+        TestClient(app, base_url="http://127.0.0.1") as http,
+        Registry("http://127.0.0.1", cache_dir=tmp_path / "c") as client,
+    ):
         client.http = http  # the real client, talking to the in-process app
         added = client.add_base("org/tiny@v1", source, upload=True).base
         assert added.stored and added.files

@@ -22,8 +22,9 @@ from registry.core.schemas import (
     parse_pairs,
 )
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.guards import ThreadedJSONRoute
 
-router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"], route_class=ThreadedJSONRoute)
 
 
 def _name(namespace: str, name: str) -> AdapterName:

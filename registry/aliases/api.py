@@ -28,8 +28,9 @@ from registry.core.schemas import (
     YankRequest,
 )
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep
+from registry.guards import ThreadedJSONRoute
 
-router = APIRouter(prefix="/api/v1", tags=["aliases"])
+router = APIRouter(prefix="/api/v1", tags=["aliases"], route_class=ThreadedJSONRoute)
 MAX_IDENTIFY_FILES = 10_000
 
 

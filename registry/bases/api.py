@@ -9,8 +9,9 @@ from registry.bases import service
 from registry.core.names import parse_base
 from registry.core.schemas import BaseOut, BaseRegisterRequest, Page, UploadPlan, UploadPlanRequest
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.guards import ThreadedJSONRoute
 
-router = APIRouter(prefix="/api/v1/bases", tags=["bases"])
+router = APIRouter(prefix="/api/v1/bases", tags=["bases"], route_class=ThreadedJSONRoute)
 
 
 @router.get("", response_model=Page[BaseOut], dependencies=[READ])

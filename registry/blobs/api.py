@@ -25,9 +25,10 @@ from registry.core.errors import InvalidReference, UploadIncomplete, VersionTooL
 from registry.core.names import parse_selector
 from registry.core.schemas import CompleteMultipart, GcOut, GcRequest
 from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.guards import ThreadedJSONRoute
 from registry.storage.folder import FolderStore
 
-router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"])
+router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"], route_class=ThreadedJSONRoute)
 
 
 def _sha(digest: str) -> str:

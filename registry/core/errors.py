@@ -189,6 +189,21 @@ class VersionTooLarge(InvalidInput):
     code = "version_too_large"
 
 
+class BodyTooLarge(InvalidInput):
+    """The request body is larger than this server accepts on this route."""
+
+    status = 413
+    code = "body_too_large"
+
+
+class HostNotAllowed(InvalidInput):
+    """With LORA_REG_AUTH=off the registry answers only requests addressed to a loopback name
+    (localhost, 127.0.0.1, [::1]): use http://127.0.0.1:PORT, or turn auth on."""
+
+    status = 400
+    code = "host_not_allowed"
+
+
 class MissingFile(InvalidInput):
     """A required adapter file is missing."""
 

@@ -17,8 +17,11 @@ from registry.core.names import parse_name
 from registry.core.schemas import INSTANCE_ID_RE, DeploymentOut, DeploymentReport, Page
 from registry.deployments import service
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep
+from registry.guards import ThreadedJSONRoute
 
-router = APIRouter(prefix="/api/v1/deployments", tags=["deployments"])
+router = APIRouter(
+    prefix="/api/v1/deployments", tags=["deployments"], route_class=ThreadedJSONRoute
+)
 InstanceId = Annotated[str, Path(pattern=INSTANCE_ID_RE)]
 
 

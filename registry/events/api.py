@@ -21,8 +21,9 @@ from registry.core.events import ACTIONS
 from registry.core.schemas import EventPage
 from registry.db import read_only, session_scope
 from registry.events import service
+from registry.guards import ThreadedJSONRoute
 
-router = APIRouter(prefix="/api/v1", tags=["events"])
+router = APIRouter(prefix="/api/v1", tags=["events"], route_class=ThreadedJSONRoute)
 
 MAX_WAIT_S = 30
 POLL_S = 0.5

@@ -23,9 +23,10 @@ from registry.core.jobs import (
 )
 from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
+from registry.guards import ThreadedJSONRoute
 from registry.merges import service
 
-router = APIRouter(prefix="/api/v1/merges", tags=["merges"])
+router = APIRouter(prefix="/api/v1/merges", tags=["merges"], route_class=ThreadedJSONRoute)
 
 
 @router.post(

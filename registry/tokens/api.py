@@ -7,9 +7,10 @@ from fastapi import APIRouter, status
 from registry.auth import AdminAccess, ReadAccess
 from registry.core.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
 from registry.deps import ReadSessionDep, SessionDep, SettingsDep
+from registry.guards import ThreadedJSONRoute
 from registry.tokens import service
 
-router = APIRouter(prefix="/api/v1", tags=["tokens"])
+router = APIRouter(prefix="/api/v1", tags=["tokens"], route_class=ThreadedJSONRoute)
 
 
 @router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)

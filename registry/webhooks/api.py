@@ -7,9 +7,10 @@ from fastapi import APIRouter, Response, status
 from registry.auth import AdminAccess
 from registry.core.schemas import DeliveryOut, Page, WebhookCreate, WebhookOut
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep
+from registry.guards import ThreadedJSONRoute
 from registry.webhooks import service
 
-router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], route_class=ThreadedJSONRoute)
 
 
 @router.post("", response_model=WebhookOut, status_code=status.HTTP_201_CREATED)
