@@ -29,6 +29,8 @@ from registry.db import make_engine
 from registry.deployments.api import router as deployments_router
 from registry.events.api import router as events_router
 from registry.guards import BodyLimitMiddleware, CloseUnreadBodyMiddleware, LoopbackHostMiddleware
+from registry.hub.api import HUB
+from registry.hub.api import router as hub_router
 from registry.merges.api import router as merges_router
 from registry.settings import Settings
 from registry.storage import open_store
@@ -67,10 +69,10 @@ def _render_api(_request: Request, exc: RegistryError) -> Response:
     return error_response(exc)
 
 
-# The REST API: bearer tokens, problem+json. Other surfaces (the Hugging Face protocol, the web
-# UI) bring their own credential rule and renderer.
+# The REST API: bearer tokens, problem+json. The Hugging Face protocol (registry/hub) has its
+# own: HF_TOKEN as a bearer token, errors as the Hub's headers; the web UI will bring a cookie.
 API = Surface(name="api", prefix="/api/", secret=bearer_secret, render=_render_api)
-SURFACES = (API,)
+SURFACES = (API, HUB)
 
 
 def render(request: Request, exc: RegistryError) -> Response:
@@ -136,6 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(events_router)
     app.include_router(deployments_router)
     app.include_router(webhooks_router)
+    app.include_router(hub_router)
     app.add_exception_handler(RegistryError, _registry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,10 +1,11 @@
 """Who is calling, per surface: credentials, the access rule each route declares, and the
 check that every route declares one.
 
-The server has surfaces (`Surface`): today the REST API under /api/; the Hugging Face protocol and
-the web UI join it as they are built. Each has its own rule for where a request's credential is
-(a bearer header, a cookie) and its own way to render a refusal (problem+json, Hub error headers,
-a page). Two steps, so that nothing about a request is read before its caller is known:
+The server has surfaces (`Surface`): the REST API under /api/ and the Hugging Face protocol
+under /hf/ (`registry.hub.api.HUB`); the web UI will join them. Each has its own rule for where a
+request's credential is (a bearer header, a cookie) and its own way to render a refusal
+(problem+json, Hub error headers, a page). Two steps, so that nothing about a request is read
+before its caller is known:
 
 1. `AuthMiddleware` authenticates every request under a surface's prefix (missing, malformed,
    unknown and revoked tokens are refused before the body is read or parsed) and keeps the

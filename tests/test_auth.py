@@ -93,6 +93,13 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/tokens"): "admin",
     ("DELETE", "/api/v1/tokens/{name}"): "admin",
     ("GET", "/api/v1/whoami"): "read",
+    # The Hugging Face protocol (registry/hub/api.py): read-only, every route needs read.
+    ("GET", "/hf/api/models/{namespace}/{name}"): "read",
+    ("GET", "/hf/api/models/{namespace}/{name}/revision/{revision}"): "read",
+    ("GET", "/hf/api/models/{namespace}/{name}/tree/{revision}"): "read",
+    ("GET", "/hf/api/models/{namespace}/{name}/tree/{revision}/{path:path}"): "read",
+    ("GET", "/hf/{namespace}/{name}/resolve/{revision}/{path:path}"): "read",
+    ("HEAD", "/hf/{namespace}/{name}/resolve/{revision}/{path:path}"): "read",
 }
 # Which token scopes each need admits (read < write < admin, and worker and serving beside).
 ADMITS: dict[str, set[str]] = {
@@ -116,6 +123,8 @@ PATH_VALUES = {
     "alias": "staging",
     "instance_id": "vllm-0",
     "webhook_id": "1",
+    "revision": "main",
+    "path:path": "adapter_config.json",
 }
 
 
@@ -177,8 +186,15 @@ def test_authorization_matrix(
         assert response.status_code == 200, response.text
     elif kind in BAD_CREDENTIALS:
         assert response.status_code == 401, response.text
-        assert response.json()["code"] == "not_authenticated"
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        if path.startswith("/hf/"):  # the Hub's error headers (registry/hub/protocol.py)
+            if kind == "none":
+                assert response.headers["X-Error-Code"] == "GatedRepo"
+            else:
+                message = response.headers["X-Error-Message"]
+                assert message == "Invalid credentials in Authorization header"
+        else:
+            assert response.json()["code"] == "not_authenticated"
     elif kind in ADMITS[need]:
         assert response.status_code not in (401, 403), response.text
         assert response.status_code < 500, response.text
