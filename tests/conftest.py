@@ -44,6 +44,14 @@ def unique_name() -> str:
     return f"{unique('ns')}/adapter"
 
 
+def push_versions(client: Registry, adapter_dir: Callable[..., Path], count: int) -> str:
+    """A fresh adapter with `count` versions of real PEFT llama adapters (seeds 0, 1, ...)."""
+    name = unique_name()
+    for seed in range(count):
+        client.push(adapter_dir("llama", seed=seed), name)
+    return name
+
+
 # --- object store ------------------------------------------------------------------------------
 
 

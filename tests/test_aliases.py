@@ -15,14 +15,7 @@ import pytest
 
 from cli.client import Registry
 from registry.core.errors import AliasNotFound, InvalidReference, VersionNotFound, VersionYanked
-from tests.conftest import RunningServer, unique_name
-
-
-def push_versions(client: Registry, adapter_dir: Callable[..., Path], count: int) -> str:
-    name = unique_name()
-    for seed in range(count):
-        client.push(adapter_dir("llama", seed=seed), name)
-    return name
+from tests.conftest import RunningServer, push_versions, unique_name
 
 
 def test_an_alias_resolves_wherever_a_reference_is_accepted(

@@ -15,14 +15,7 @@ import pytest
 from cli.client import Registry
 from registry.core.errors import InvalidInput
 from registry.core.schemas import DeploymentReport, LoadedAdapter
-from tests.conftest import RunningServer, unique_name
-
-
-def push_versions(client: Registry, adapter_dir: Callable[..., Path], count: int) -> str:
-    name = unique_name()
-    for seed in range(count):
-        client.push(adapter_dir("llama", seed=seed), name)
-    return name
+from tests.conftest import RunningServer, push_versions
 
 
 def loaded(client: Registry, reference: str, name: str | None = None) -> LoadedAdapter:

@@ -15,7 +15,7 @@ import pytest
 from cli.client import Registry
 from registry.core import webhooks
 from registry.core.errors import InvalidInput
-from tests.conftest import RunningServer, unique_name
+from tests.conftest import RunningServer, push_versions
 
 SECRET = "a-long-shared-secret-for-tests"
 
@@ -67,19 +67,12 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
         item.server.server_close()
 
 
-def push(client: Registry, adapter_dir: Callable[..., Path], count: int) -> str:
-    name = unique_name()
-    for seed in range(count):
-        client.push(adapter_dir("llama", seed=seed), name)
-    return name
-
-
 def test_events_are_delivered_signed_and_recorded(
     client: Registry,
     adapter_dir: Callable[..., Path],
     receiver: Callable[..., Receiver],
 ) -> None:
-    name = push(client, adapter_dir, 1)
+    name = push_versions(client, adapter_dir, 1)
     endpoint = receiver()
     hook = client.add_webhook(endpoint.url, ["alias.set"], SECRET)
     try:
@@ -115,7 +108,7 @@ def test_a_failing_endpoint_gets_retries_in_order_and_never_blocks_the_registry(
     adapter_dir: Callable[..., Path],
     receiver: Callable[..., Receiver],
 ) -> None:
-    name = push(client, adapter_dir, 2)
+    name = push_versions(client, adapter_dir, 2)
     endpoint = receiver(fail=1)
     hook = client.add_webhook(endpoint.url, ["alias.set"], SECRET)
     try:
@@ -139,7 +132,7 @@ def test_an_unreachable_endpoint_is_retried_and_shown_pending(
     gone = receiver()
     gone.server.shutdown()
     gone.server.server_close()  # nothing listens there any more
-    name = push(client, adapter_dir, 1)
+    name = push_versions(client, adapter_dir, 1)
     hook = client.add_webhook(gone.url, [], SECRET)
     try:
         client.set_alias(f"{name}@1", "staging")  # the request does not wait for the endpoint
