@@ -23,7 +23,7 @@ from registry.aliases.api import router as aliases_router
 from registry.auth import PUBLIC, AuthMiddleware, Surface, bearer_secret, check_routes, surface_for
 from registry.bases.api import router as bases_router
 from registry.blobs.api import router as blobs_router
-from registry.core.errors import DatabaseUnavailable, RegistryError
+from registry.core.errors import DatabaseUnavailable, RegistryError, StorageUnavailable
 from registry.core.schemas import Problem
 from registry.db import make_engine
 from registry.deployments.api import router as deployments_router
@@ -32,6 +32,7 @@ from registry.guards import BodyLimitMiddleware, CloseUnreadBodyMiddleware, Loop
 from registry.hub.api import HUB
 from registry.hub.api import router as hub_router
 from registry.merges.api import router as merges_router
+from registry.openapi import allowed_methods, errors, install
 from registry.settings import Settings
 from registry.storage import open_store
 from registry.tokens.api import router as tokens_router
@@ -106,10 +107,14 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    return problem(exc.status_code, code, str(exc.detail), str(exc.detail))
+    response = problem(exc.status_code, code, str(exc.detail), str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = allowed_methods(request.app, request.scope)
+    return response
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -154,7 +159,12 @@ def create_app(settings: Settings) -> FastAPI:
         """The process is up."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["health"], dependencies=[PUBLIC])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        dependencies=[PUBLIC],
+        responses=errors(DatabaseUnavailable, StorageUnavailable),
+    )
     async def readyz() -> JSONResponse:
         """The database and the object store are reachable."""
 
@@ -173,4 +183,5 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     check_routes(app, SURFACES)
+    install(app)
     return app

@@ -9,6 +9,19 @@ from fastapi import APIRouter, Query, Response, status
 from registry.adapters import service
 from registry.auth import READ, WRITE, ReadAccess, WriteAccess
 from registry.core.compat import CompatReport
+from registry.core.errors import (
+    AdapterNotFound,
+    BaseNotFound,
+    BlobMissing,
+    BlobNotFound,
+    ChecksumMismatch,
+    Incompatible,
+    InvalidMetric,
+    InvalidName,
+    InvalidProfile,
+    ProtectedAlias,
+    VersionYanked,
+)
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AdapterOut,
@@ -23,6 +36,7 @@ from registry.core.schemas import (
 )
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import ADAPTER_FILE_ERRORS, MANIFEST_ERRORS, RESOLVE_ERRORS, errors
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"], route_class=ThreadedJSONRoute)
 
@@ -31,7 +45,7 @@ def _name(namespace: str, name: str) -> AdapterName:
     return AdapterName(check_part("namespace", namespace), check_part("name", name))
 
 
-@router.get("", response_model=Page[AdapterOut], dependencies=[READ])
+@router.get("", response_model=Page[AdapterOut], dependencies=[READ], responses=errors(InvalidName))
 def list_adapters(
     session: ReadSessionDep,
     namespace: str | None = None,
@@ -54,12 +68,22 @@ def list_adapters(
     )
 
 
-@router.get("/{namespace}/{name}", response_model=AdapterOut, dependencies=[READ])
+@router.get(
+    "/{namespace}/{name}",
+    response_model=AdapterOut,
+    dependencies=[READ],
+    responses=errors(InvalidName, AdapterNotFound),
+)
 def get_adapter(session: ReadSessionDep, namespace: str, name: str) -> AdapterOut:
     return service.get_adapter(session, _name(namespace, name))
 
 
-@router.get("/{namespace}/{name}/versions", response_model=Page[VersionOut], dependencies=[READ])
+@router.get(
+    "/{namespace}/{name}/versions",
+    response_model=Page[VersionOut],
+    dependencies=[READ],
+    responses=errors(InvalidName, AdapterNotFound),
+)
 def list_versions(
     session: ReadSessionDep,
     namespace: str,
@@ -75,7 +99,10 @@ def list_versions(
 
 
 @router.get(
-    "/{namespace}/{name}/versions/{selector}", response_model=VersionOut, dependencies=[READ]
+    "/{namespace}/{name}/versions/{selector}",
+    response_model=VersionOut,
+    dependencies=[READ],
+    responses=errors(*RESOLVE_ERRORS),
 )
 def get_version(session: ReadSessionDep, namespace: str, name: str, selector: str) -> VersionOut:
     """One version with its files; `selector` is a number, `latest`, an alias or a digest."""
@@ -86,6 +113,7 @@ def get_version(session: ReadSessionDep, namespace: str, name: str, selector: st
     "/{namespace}/{name}/versions/{selector}/files",
     response_model=list[VersionFileOut],
     dependencies=[READ],
+    responses=errors(*RESOLVE_ERRORS),
 )
 def get_version_files(
     session: ReadSessionDep, namespace: str, name: str, selector: str
@@ -98,7 +126,13 @@ def get_version_files(
     )
 
 
-@router.post("/{namespace}/{name}/versions/{selector}/check", response_model=CompatReport)
+@router.post(
+    "/{namespace}/{name}/versions/{selector}/check",
+    response_model=CompatReport,
+    responses=errors(
+        *RESOLVE_ERRORS, *ADAPTER_FILE_ERRORS, BaseNotFound, BlobNotFound, InvalidProfile
+    ),
+)
 def check_version(
     session: SessionDep,
     store: StoreDep,
@@ -114,7 +148,12 @@ def check_version(
     return service.check_version(session, store, caller, ref, request)
 
 
-@router.post("/{namespace}/{name}/uploads", response_model=UploadPlan, dependencies=[WRITE])
+@router.post(
+    "/{namespace}/{name}/uploads",
+    response_model=UploadPlan,
+    dependencies=[WRITE],
+    responses=errors(InvalidName, *MANIFEST_ERRORS, ChecksumMismatch),
+)
 def plan_upload(
     session: SessionDep,
     store: StoreDep,
@@ -132,7 +171,21 @@ def plan_upload(
     "/{namespace}/{name}/versions",
     response_model=VersionOut,
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": VersionOut, "description": "identical content already existed"}},
+    responses={
+        **errors(
+            *RESOLVE_ERRORS,
+            *MANIFEST_ERRORS,
+            *ADAPTER_FILE_ERRORS,
+            InvalidMetric,
+            BlobMissing,
+            ChecksumMismatch,
+            BaseNotFound,
+            Incompatible,
+            ProtectedAlias,
+            VersionYanked,
+        ),
+        200: {"model": VersionOut, "description": "identical content already existed"},
+    },
 )
 def commit_version(
     session: SessionDep,

@@ -525,6 +525,7 @@ def version_out(
             **fields,
             "adapter": str(name),
             "created_at": as_utc(version.created_at),
+            "yanked_at": as_utc(version.yanked_at) if version.yanked_at else None,
             "files": files,
             "created": created,
         }

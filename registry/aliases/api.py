@@ -7,14 +7,22 @@ Under /api/v1/adapters/{ns}/{name}/aliases, /history and /versions/{selector}/ya
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Response, status
 
 from registry.adapters import service as adapters
 from registry.aliases import service
 from registry.auth import READ, WriteAccess
-from registry.core.errors import InvalidInput
+from registry.core.errors import (
+    AdapterNotFound,
+    AliasNotFound,
+    Conflict,
+    InvalidInput,
+    InvalidName,
+    InvalidPath,
+    InvalidReference,
+    ProtectedAlias,
+    VersionYanked,
+)
 from registry.core.names import AdapterName, Reference, check_part, parse_selector
 from registry.core.schemas import (
     AliasMoveOut,
@@ -23,12 +31,14 @@ from registry.core.schemas import (
     AuditEventOut,
     IdentifyOut,
     IdentifyRequest,
+    IsoDatetime,
     Page,
     VersionOut,
     YankRequest,
 )
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import RESOLVE_ERRORS, errors
 
 router = APIRouter(prefix="/api/v1", tags=["aliases"], route_class=ThreadedJSONRoute)
 MAX_IDENTIFY_FILES = 10_000
@@ -39,13 +49,20 @@ def _name(namespace: str, name: str) -> AdapterName:
 
 
 @router.get(
-    "/adapters/{namespace}/{name}/aliases", response_model=list[AliasOut], dependencies=[READ]
+    "/adapters/{namespace}/{name}/aliases",
+    response_model=list[AliasOut],
+    dependencies=[READ],
+    responses=errors(InvalidName, AdapterNotFound),
 )
 def list_aliases(session: ReadSessionDep, namespace: str, name: str) -> list[AliasOut]:
     return service.list_aliases(session, _name(namespace, name))
 
 
-@router.put("/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut)
+@router.put(
+    "/adapters/{namespace}/{name}/aliases/{alias}",
+    response_model=AliasOut,
+    responses=errors(*RESOLVE_ERRORS, ProtectedAlias, VersionYanked),
+)
 def set_alias(
     session: SessionDep,
     settings: SettingsDep,
@@ -62,7 +79,9 @@ def set_alias(
 
 
 @router.delete(
-    "/adapters/{namespace}/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT
+    "/adapters/{namespace}/{name}/aliases/{alias}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(InvalidName, InvalidReference, AdapterNotFound, AliasNotFound, ProtectedAlias),
 )
 def remove_alias(
     session: SessionDep,
@@ -77,14 +96,17 @@ def remove_alias(
 
 
 @router.get(
-    "/adapters/{namespace}/{name}/aliases/{alias}", response_model=AliasOut, dependencies=[READ]
+    "/adapters/{namespace}/{name}/aliases/{alias}",
+    response_model=AliasOut,
+    dependencies=[READ],
+    responses=errors(InvalidName, InvalidReference, AdapterNotFound, AliasNotFound),
 )
 def get_alias(
     session: ReadSessionDep,
     namespace: str,
     name: str,
     alias: str,
-    at: datetime | None = None,
+    at: IsoDatetime | None = None,
 ) -> AliasOut:
     """Where an alias points now, or (`?at=2026-11-20T10:00Z`) where it pointed then."""
     if at is not None:
@@ -93,7 +115,10 @@ def get_alias(
 
 
 @router.get(
-    "/adapters/{namespace}/{name}/history", response_model=Page[AliasMoveOut], dependencies=[READ]
+    "/adapters/{namespace}/{name}/history",
+    response_model=Page[AliasMoveOut],
+    dependencies=[READ],
+    responses=errors(InvalidName, InvalidReference, AdapterNotFound),
 )
 def history(
     session: ReadSessionDep,
@@ -107,7 +132,12 @@ def history(
     return service.history(session, _name(namespace, name), alias, limit, offset)
 
 
-@router.get("/aliases/{alias}", response_model=Page[AliasOut], dependencies=[READ])
+@router.get(
+    "/aliases/{alias}",
+    response_model=Page[AliasOut],
+    dependencies=[READ],
+    responses=errors(InvalidReference),
+)
 def who_runs(
     session: ReadSessionDep, alias: str, limit: Limit = 100, offset: Offset = 0
 ) -> Page[AliasOut]:
@@ -115,7 +145,11 @@ def who_runs(
     return service.who_runs(session, alias, limit, offset)
 
 
-@router.post("/adapters/{namespace}/{name}/versions/{selector}/yank", response_model=VersionOut)
+@router.post(
+    "/adapters/{namespace}/{name}/versions/{selector}/yank",
+    response_model=VersionOut,
+    responses=errors(*RESOLVE_ERRORS, Conflict),
+)
 def yank(
     session: SessionDep,
     caller: WriteAccess,
@@ -129,7 +163,9 @@ def yank(
     return adapters.yank_version(session, caller, ref, request.reason)
 
 
-@router.post("/identify", response_model=IdentifyOut, dependencies=[READ])
+@router.post(
+    "/identify", response_model=IdentifyOut, dependencies=[READ], responses=errors(InvalidPath)
+)
 def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
     """Which version a set of files is (by sha256 only: no bytes are sent)."""
     if not request.files or len(request.files) > MAX_IDENTIFY_FILES:
@@ -142,8 +178,8 @@ def identify(session: ReadSessionDep, request: IdentifyRequest) -> IdentifyOut:
 @router.get("/audit", response_model=Page[AuditEventOut], dependencies=[READ])
 def audit(
     session: ReadSessionDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: IsoDatetime | None = None,
+    until: IsoDatetime | None = None,
     actor: str | None = None,
     action: str | None = None,
     subject: str | None = None,

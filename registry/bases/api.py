@@ -6,15 +6,23 @@ from fastapi import APIRouter, Response, status
 
 from registry.auth import READ, WRITE, WriteAccess
 from registry.bases import service
+from registry.core.errors import (
+    BaseNotFound,
+    BlobMissing,
+    ChecksumMismatch,
+    InvalidBase,
+    InvalidName,
+)
 from registry.core.names import parse_base
 from registry.core.schemas import BaseOut, BaseRegisterRequest, Page, UploadPlan, UploadPlanRequest
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import MANIFEST_ERRORS, errors
 
 router = APIRouter(prefix="/api/v1/bases", tags=["bases"], route_class=ThreadedJSONRoute)
 
 
-@router.get("", response_model=Page[BaseOut], dependencies=[READ])
+@router.get("", response_model=Page[BaseOut], dependencies=[READ], responses=errors(InvalidName))
 def list_bases(
     session: ReadSessionDep,
     id: str | None = None,
@@ -31,7 +39,10 @@ def list_bases(
     "",
     response_model=BaseOut,
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": BaseOut, "description": "already registered with this signature"}},
+    responses={
+        **errors(InvalidName, *MANIFEST_ERRORS, InvalidBase, BlobMissing, ChecksumMismatch),
+        200: {"model": BaseOut, "description": "already registered with this signature"},
+    },
 )
 def register_base(
     session: SessionDep,
@@ -49,7 +60,12 @@ def register_base(
     return base
 
 
-@router.post("/uploads", response_model=UploadPlan, dependencies=[WRITE])
+@router.post(
+    "/uploads",
+    response_model=UploadPlan,
+    dependencies=[WRITE],
+    responses=errors(*MANIFEST_ERRORS, ChecksumMismatch),
+)
 def plan_upload(
     session: SessionDep, store: StoreDep, settings: SettingsDep, request: UploadPlanRequest
 ) -> UploadPlan:
@@ -57,7 +73,12 @@ def plan_upload(
     return service.plan_upload(session, store, settings, request.files)
 
 
-@router.get("/{ref:path}", response_model=BaseOut, dependencies=[READ])
+@router.get(
+    "/{ref:path}",
+    response_model=BaseOut,
+    dependencies=[READ],
+    responses=errors(InvalidName, BaseNotFound),
+)
 def get_base(session: ReadSessionDep, ref: str, tensors: bool = False) -> BaseOut:
     """One base, `org/model` (latest registered revision) or `org/model@revision`; with
     `?tensors=true` its whole tensor signature."""

@@ -21,11 +21,20 @@ from starlette.requests import ClientDisconnect
 
 from registry.auth import READ, UPLOAD, AdminAccess
 from registry.blobs import service
-from registry.core.errors import InvalidReference, UploadIncomplete, VersionTooLarge
+from registry.core.errors import (
+    BlobMissing,
+    BlobNotFound,
+    ChecksumMismatch,
+    InvalidReference,
+    StoreUploadMode,
+    UploadIncomplete,
+    VersionTooLarge,
+)
 from registry.core.names import parse_selector
 from registry.core.schemas import CompleteMultipart, GcOut, GcRequest
 from registry.deps import ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import errors
 from registry.storage.folder import FolderStore
 
 router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"], route_class=ThreadedJSONRoute)
@@ -74,14 +83,27 @@ class _BodyReader(io.RawIOBase):
         return data
 
 
-@router.put("/{digest}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[UPLOAD])
+@router.put(
+    "/{digest:sha256}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[UPLOAD],
+    responses=errors(VersionTooLarge, ChecksumMismatch, UploadIncomplete, BlobMissing),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    },
+)
 async def put_blob(
     digest: str,
     request: Request,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
-    content_length: int = Header(),
+    content_length: int = Header(include_in_schema=False),
 ) -> Response:
     """Upload a blob's bytes; refused (and nothing kept) unless they hash to `digest`."""
     sha = _sha(digest)
@@ -95,7 +117,12 @@ async def put_blob(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{digest}/multipart", status_code=status.HTTP_204_NO_CONTENT, dependencies=[UPLOAD])
+@router.post(
+    "/{digest:sha256}/multipart",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[UPLOAD],
+    responses=errors(ChecksumMismatch, StoreUploadMode, BlobMissing, BlobNotFound),
+)
 def complete_multipart(
     digest: str, body: CompleteMultipart, session: SessionDep, store: StoreDep
 ) -> Response:
@@ -121,8 +148,19 @@ def collect_garbage(
 
 
 @router.get(
-    "/{digest}",
-    responses={200: {"content": {"application/octet-stream": {}}}, 307: {}},
+    "/{digest:sha256}",
+    responses={
+        **errors(BlobNotFound),
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        },
+        307: {
+            "description": "a presigned URL of the object store (S3)",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+    },
     response_class=Response,
     dependencies=[READ],
 )

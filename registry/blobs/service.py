@@ -90,17 +90,24 @@ def adopt_stored(
     return present, missing
 
 
+# One plan presigns at most this many part URLs (S3 takes 10,000 parts per upload; each URL is
+# a signature and ~400 bytes of answer): a larger plan gets larger parts instead.
+MAX_PLAN_PARTS = 10_000
+
+
 def plan_upload(
     session: Session, store: ObjectStore, settings: Settings, entries: list[FileEntry]
 ) -> UploadPlan:
     present, missing = adopt_stored(session, store, entries)
+    multipart = sum(size for size in missing.values() if size > settings.multipart_threshold)
+    part_size = max(settings.part_size, -(-multipart // MAX_PLAN_PARTS))
     instructions = []
     for sha, size in sorted(missing.items()):
         instruction = store.upload_instruction(
             sha,
             size,
             multipart_threshold=settings.multipart_threshold,
-            part_size=settings.part_size,
+            part_size=part_size,
         ) or UploadInstruction(sha256=sha, size=size, kind="single", url=blob_url(sha))
         if instruction.kind == "multipart":
             instruction.complete_url = blob_url(sha) + "/multipart"

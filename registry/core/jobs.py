@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry.core.errors import InvalidReference, InvalidTarget
 from registry.core.names import parse_selector
-from registry.core.schemas import FileSpec, VersionFileOut
+from registry.core.schemas import FileSpec, JsonBool, JsonInt, VersionFileOut
 
 FinishedStatus = Literal["succeeded", "failed", "cancelled"]
 JobStatus = Literal["queued", "running", FinishedStatus]
@@ -53,7 +53,7 @@ class MergeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dtype: Dtype | None = None
-    untie: bool = False
+    untie: JsonBool = False
 
 
 class Target(BaseModel):
@@ -221,14 +221,14 @@ class MergeRequest(BaseModel):
     base: str | None = Field(default=None, max_length=401)  # default: the version's own base
     target: str = Field(default="registry", max_length=MAX_TARGET)
     options: MergeOptions = Field(default_factory=MergeOptions)
-    force: bool = False  # run again even when a matching job succeeded or is in flight
+    force: JsonBool = False  # run again even when a matching job succeeded or is in flight
 
 
 class Progress(BaseModel):
-    tensors_done: int = Field(ge=0)
-    tensors_total: int = Field(ge=0)
-    bytes_done: int = Field(ge=0)
-    bytes_total: int = Field(ge=0)
+    tensors_done: JsonInt = Field(ge=0)
+    tensors_total: JsonInt = Field(ge=0)
+    bytes_done: JsonInt = Field(ge=0)
+    bytes_total: JsonInt = Field(ge=0)
 
 
 class JobError(BaseModel):
@@ -243,7 +243,7 @@ class JobResult(BaseModel):
     location: str = Field(max_length=MAX_TARGET)
     artifact: str | None = None
     files: list[FileSpec] = Field(default_factory=list)
-    size: int = Field(default=0, ge=0)
+    size: JsonInt = Field(default=0, ge=0)
     device: str | None = Field(default=None, max_length=200)
 
 
@@ -288,7 +288,7 @@ class WorkerOut(BaseModel):
 class ClaimRequest(BaseModel):
     worker: str = Field(min_length=1, max_length=MAX_WORKER_NAME)
     device: str | None = Field(default=None, max_length=200)
-    lease_s: int = Field(default=DEFAULT_LEASE_S, ge=MIN_LEASE_S, le=MAX_LEASE_S)
+    lease_s: JsonInt = Field(default=DEFAULT_LEASE_S, ge=MIN_LEASE_S, le=MAX_LEASE_S)
 
 
 class Claim(BaseModel):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from registry.core.basemodel import BaseTensor
 from registry.core.compat import CompatReport
@@ -24,6 +24,27 @@ MAX_LABEL_VALUE = 256
 MAX_LINEAGE_VALUE = 2048
 MAX_DESCRIPTION = 10_000
 MAX_ENTRIES = 100
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _not_a_number(value: Any) -> Any:
+    # pydantic reads a number as Unix seconds; the API takes ISO 8601 date-times only.
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("expected an ISO 8601 date-time such as 2026-11-20T10:00Z")
+    return value
+
+
+# Request values as JSON Schema (and the OpenAPI document) reads them, where lax pydantic would
+# take more: an integer is 5 or 5.0, never "5" or false; a boolean is true or false, never 0 or
+# "yes"; a time is an ISO 8601 date-time, never a number.
+JsonInt = Annotated[int, BeforeValidator(_integral), Field(strict=True)]
+JsonBool = Annotated[bool, Field(strict=True)]
+IsoDatetime = Annotated[datetime, BeforeValidator(_not_a_number)]
 
 
 def check_key(kind: str, key: str) -> str:
@@ -94,7 +115,7 @@ def parse_pairs(kind: str, pairs: list[str]) -> dict[str, str]:
 
 class FileSpec(BaseModel):
     path: str
-    size: int = Field(ge=0)
+    size: JsonInt = Field(ge=0)
     sha256: str
 
     @field_validator("path")
@@ -148,14 +169,14 @@ class UploadPlan(BaseModel):
 
 
 class CompletedPart(BaseModel):
-    part_number: int
+    part_number: JsonInt
     etag: str
 
 
 class CompleteMultipart(BaseModel):
     upload_id: str
     key: str
-    size: int
+    size: JsonInt
     parts: list[CompletedPart]
 
 
@@ -167,7 +188,7 @@ class CommitRequest(BaseModel):
     lineage: dict[str, Any] = Field(default_factory=dict)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION)
     # Refuse the push unless the version is proven compatible with its registered base.
-    require_compatible: bool = False
+    require_compatible: JsonBool = False
     alias: str | None = None  # point this alias at the pushed version
 
 
@@ -261,9 +282,9 @@ class BaseOut(BaseModel):
 class GcRequest(BaseModel):
     """Destructive, so nothing is implied: the age is required and unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # dry_run: true or false, not 0
 
-    older_than_s: int = Field(ge=0, le=100 * 365 * 86400)  # recorded at least this long ago
+    older_than_s: JsonInt = Field(ge=0, le=100 * 365 * 86400)  # recorded at least this long ago
     dry_run: bool = False
 
 
@@ -458,16 +479,16 @@ class LoadedAdapter(BaseModel):
     name: str = Field(min_length=1, max_length=300)  # e.g. ns/name@production
     reference: str = Field(min_length=1, max_length=300)  # as asked
     adapter: str = Field(min_length=3, max_length=200)  # ns/name
-    version: int = Field(ge=1)
+    version: JsonInt = Field(ge=1, le=999_999_999)
     digest: str = Field(pattern=DIGEST_PATTERN)
-    loaded_at: datetime
+    loaded_at: IsoDatetime
 
 
 class DeploymentReport(BaseModel):
     """An engine instance's full loaded set, as it is now (reports are idempotent)."""
 
     host: str = Field(min_length=1, max_length=255)
-    port: int | None = Field(default=None, ge=0, le=65535)
+    port: JsonInt | None = Field(default=None, ge=0, le=65535)
     engine: str = Field(min_length=1, max_length=32)
     engine_version: str = Field(default="", max_length=64)
     served_model: str = Field(min_length=1, max_length=1024)

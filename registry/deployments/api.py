@@ -13,11 +13,13 @@ from fastapi import APIRouter, Path, Response, status
 
 from registry.aliases.service import check_alias
 from registry.auth import READ, ServingAccess
+from registry.core.errors import InvalidName, InvalidReference, NotFound
 from registry.core.names import parse_name
 from registry.core.schemas import INSTANCE_ID_RE, DeploymentOut, DeploymentReport, Page
 from registry.deployments import service
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import errors
 
 router = APIRouter(
     prefix="/api/v1/deployments", tags=["deployments"], route_class=ThreadedJSONRoute
@@ -25,7 +27,9 @@ router = APIRouter(
 InstanceId = Annotated[str, Path(pattern=INSTANCE_ID_RE)]
 
 
-@router.put("/{instance_id}", response_model=DeploymentOut)
+@router.put(
+    "/{instance_id}", response_model=DeploymentOut, responses=errors(InvalidName, InvalidReference)
+)
 def report(
     session: SessionDep, caller: ServingAccess, instance_id: InstanceId, body: DeploymentReport
 ) -> DeploymentOut:
@@ -34,14 +38,19 @@ def report(
     return service.report(session, caller, instance_id, body)
 
 
-@router.delete("/{instance_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{instance_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(NotFound))
 def forget(session: SessionDep, caller: ServingAccess, instance_id: InstanceId) -> Response:
     """An instance that stopped: everything it had loaded is recorded as unloaded."""
     service.forget(session, caller, instance_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("", response_model=Page[DeploymentOut], dependencies=[READ])
+@router.get(
+    "",
+    response_model=Page[DeploymentOut],
+    dependencies=[READ],
+    responses=errors(InvalidName, InvalidReference),
+)
 def list_deployments(
     session: ReadSessionDep,
     adapter: str | None = None,

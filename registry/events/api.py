@@ -32,7 +32,7 @@ POLL_S = 0.5
 @router.get("/events", response_model=EventPage, dependencies=[READ])
 async def events(
     request: Request,
-    after: Annotated[int, Query(ge=-1, le=2**62)] = 0,
+    after: Annotated[int, Query(ge=-1, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
     action: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies defaults)

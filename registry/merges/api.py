@@ -10,6 +10,20 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from registry.auth import READ, WorkerAccess, WriteAccess
+from registry.core.errors import (
+    ArtifactNotFound,
+    BaseNotFound,
+    BlobMissing,
+    BlobNotFound,
+    ChecksumMismatch,
+    Incompatible,
+    InvalidReference,
+    InvalidTarget,
+    JobFinished,
+    JobNotFound,
+    LeaseLost,
+    VersionYanked,
+)
 from registry.core.jobs import (
     ArtifactOut,
     Claim,
@@ -25,6 +39,7 @@ from registry.core.schemas import Page, UploadPlan, UploadPlanRequest
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep, SettingsDep, StoreDep
 from registry.guards import ThreadedJSONRoute
 from registry.merges import service
+from registry.openapi import ADAPTER_FILE_ERRORS, MANIFEST_ERRORS, RESOLVE_ERRORS, errors
 
 router = APIRouter(prefix="/api/v1/merges", tags=["merges"], route_class=ThreadedJSONRoute)
 
@@ -34,7 +49,16 @@ router = APIRouter(prefix="/api/v1/merges", tags=["merges"], route_class=Threade
     response_model=JobOut,
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"model": JobOut, "description": "a matching job succeeded (memoized) or is running"}
+        **errors(
+            *RESOLVE_ERRORS,
+            *ADAPTER_FILE_ERRORS,
+            InvalidTarget,
+            VersionYanked,
+            BaseNotFound,
+            BlobNotFound,
+            Incompatible,
+        ),
+        200: {"model": JobOut, "description": "a matching job succeeded (memoized) or is running"},
     },
 )
 def request_merge(
@@ -84,24 +108,31 @@ def list_workers(session: ReadSessionDep, limit: Limit = 50, offset: Offset = 0)
     return service.list_workers(session, limit=limit, offset=offset)
 
 
-@router.get("/artifacts/{digest}", response_model=ArtifactOut, dependencies=[READ])
+@router.get(
+    "/artifacts/{digest}",
+    response_model=ArtifactOut,
+    dependencies=[READ],
+    responses=errors(InvalidReference, ArtifactNotFound),
+)
 def get_artifact(session: ReadSessionDep, digest: str) -> ArtifactOut:
     """A merged artifact and its files (with download URLs when it is stored here)."""
     return service.get_artifact(session, digest)
 
 
-@router.get("/{job_id}", response_model=JobOut, dependencies=[READ])
+@router.get("/{job_id}", response_model=JobOut, dependencies=[READ], responses=errors(JobNotFound))
 def get_job(session: ReadSessionDep, job_id: str) -> JobOut:
     return service.get_job(session, job_id)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(JobNotFound, JobFinished))
 def cancel(session: SessionDep, caller: WriteAccess, job_id: str) -> JobOut:
     """Cancel a queued job at once, or ask the worker running it to stop."""
     return service.cancel(session, job_id, caller.name)
 
 
-@router.post("/{job_id}/heartbeat", response_model=HeartbeatOut)
+@router.post(
+    "/{job_id}/heartbeat", response_model=HeartbeatOut, responses=errors(JobNotFound, LeaseLost)
+)
 def heartbeat(
     session: SessionDep, caller: WorkerAccess, job_id: str, request: HeartbeatRequest
 ) -> HeartbeatOut:
@@ -109,7 +140,11 @@ def heartbeat(
     return service.heartbeat(session, job_id, request, caller.name)
 
 
-@router.post("/{job_id}/uploads", response_model=UploadPlan)
+@router.post(
+    "/{job_id}/uploads",
+    response_model=UploadPlan,
+    responses=errors(JobNotFound, LeaseLost, *MANIFEST_ERRORS, ChecksumMismatch),
+)
 def plan_upload(
     session: SessionDep,
     store: StoreDep,
@@ -123,7 +158,11 @@ def plan_upload(
     return service.plan_upload(session, store, settings, job_id, worker, caller.name, request.files)
 
 
-@router.post("/{job_id}/finish", response_model=JobOut)
+@router.post(
+    "/{job_id}/finish",
+    response_model=JobOut,
+    responses=errors(JobNotFound, LeaseLost, *MANIFEST_ERRORS, BlobMissing, ChecksumMismatch),
+)
 def finish(
     session: SessionDep,
     store: StoreDep,

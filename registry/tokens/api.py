@@ -5,9 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from registry.auth import AdminAccess, ReadAccess
+from registry.core.errors import NotFound
 from registry.core.schemas import TokenCreate, TokenCreated, TokenOut, WhoAmI
 from registry.deps import ReadSessionDep, SessionDep, SettingsDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import errors
 from registry.tokens import service
 
 router = APIRouter(prefix="/api/v1", tags=["tokens"], route_class=ThreadedJSONRoute)
@@ -27,7 +29,7 @@ def list_tokens(
     return service.list_tokens(session, include_revoked=revoked)
 
 
-@router.delete("/tokens/{name}", response_model=TokenOut)
+@router.delete("/tokens/{name}", response_model=TokenOut, responses=errors(NotFound))
 def revoke_token(session: SessionDep, caller: AdminAccess, name: str) -> TokenOut:
     """Revoke a token: it stops working at once; the row stays for the audit log."""
     return service.revoke_token(session, name, caller.name)

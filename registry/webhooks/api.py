@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
 
 from registry.auth import AdminAccess
+from registry.core.errors import NotFound
 from registry.core.schemas import DeliveryOut, Page, WebhookCreate, WebhookOut
 from registry.deps import Limit, Offset, ReadSessionDep, SessionDep
 from registry.guards import ThreadedJSONRoute
+from registry.openapi import errors
 from registry.webhooks import service
 
+WebhookId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"], route_class=ThreadedJSONRoute)
 
 
@@ -26,17 +31,19 @@ def list_webhooks(session: ReadSessionDep, _caller: AdminAccess) -> Page[Webhook
     return service.list_webhooks(session)
 
 
-@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_webhook(session: SessionDep, _caller: AdminAccess, webhook_id: int) -> Response:
+@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(NotFound))
+def delete_webhook(session: SessionDep, _caller: AdminAccess, webhook_id: WebhookId) -> Response:
     service.delete(session, webhook_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{webhook_id}/deliveries", response_model=Page[DeliveryOut])
+@router.get(
+    "/{webhook_id}/deliveries", response_model=Page[DeliveryOut], responses=errors(NotFound)
+)
 def list_deliveries(
     session: ReadSessionDep,
     _caller: AdminAccess,
-    webhook_id: int,
+    webhook_id: WebhookId,
     status: str | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
