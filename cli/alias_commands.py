@@ -1,7 +1,8 @@
 """`lora-reg alias ...`, `history`, `resolve`, `who-runs`, `audit`, `identify`: who runs what,
 since when, and what a folder on disk really is.
 
-Thin: flags in, `cli.client.Registry` calls, tables or `--json` out.
+Thin: flags in, `cli.client.Registry` calls, tables or `--json` out. `resolve` reads the
+server's JSON with `cli.console.get_json` instead, to answer without importing the client.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -19,14 +20,19 @@ from cli.console import (
     emit_json,
     emit_list,
     escape,
+    get_json,
     out,
     page_footer,
     progress,
     registry,
+    timestamp,
     when,
 )
-from registry.core.errors import InvalidInput
-from registry.core.schemas import AliasOut, IdentifyOut
+from registry.core.errors import InvalidInput, InvalidReference
+from registry.core.names import parse_reference
+
+if TYPE_CHECKING:  # the schemas import pydantic: `resolve` does without them
+    from registry.core.schemas import AliasOut, IdentifyOut
 
 alias_app = typer.Typer(
     help="Aliases (production, staging...): set, remove, list.", no_args_is_help=True
@@ -138,14 +144,19 @@ def resolve(
 ) -> None:
     """Which version an alias points at, now or at a point in time."""
     moment = _timestamp(at, "--at")
-    with registry() as client:
-        result = client.resolve(ref, at=moment)
+    # The request `cli.client.Registry.resolve` sends; the answer printed as it came.
+    parsed = parse_reference(ref)
+    if parsed.selector.kind != "alias":
+        raise InvalidReference(f"{ref} names no alias: use ns/name@alias")
+    path = f"/api/v1/adapters/{parsed.name}/aliases/{parsed.selector.value}"
+    result = get_json(path, {"at": moment.isoformat()} if moment else {})
     if as_json:
         emit_json(result)
         return
+    since = timestamp(result["since"]).isoformat(timespec="seconds")
     out.print(
-        f"{escape(result.adapter)}@{escape(result.alias)} -> @{result.version} {result.digest} "
-        f"(since {result.since.isoformat(timespec='seconds')} by {escape(result.by or '-')})"
+        f"{escape(result['adapter'])}@{escape(result['alias'])} -> @{result['version']} "
+        f"{result['digest']} (since {since} by {escape(result['by'] or '-')})"
     )
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cli.console import (
@@ -20,6 +19,7 @@ from cli.console import (
     escape,
     out,
     page_footer,
+    print_findings,
     progress,
     registry,
     size,
@@ -229,14 +229,3 @@ def print_report(report: CompatReport, subject: str) -> None:
     )
     verdict = "[green]compatible[/green]" if report.compatible else "[red]not compatible[/red]"
     out.print(f"{escape(subject + where)}: {verdict}{escape(how) if report.profile else ''}")
-
-
-def print_findings(report: CompatReport, console: Console = out) -> None:
-    for finding in report.errors:
-        console.print(
-            f"[red]error[/red] {finding.code}: {escape(finding.message)}", highlight=False
-        )
-    for finding in report.warnings:
-        console.print(
-            f"[yellow]warning[/yellow] {finding.code}: {escape(finding.message)}", highlight=False
-        )

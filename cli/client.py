@@ -4,18 +4,16 @@ Used by the CLI, by training scripts and by workers. Speaks only HTTP; large byt
 the object store when the server hands out presigned URLs. Every server error is raised as the
 same `registry.core.errors` class the server raised, so callers match on types, not messages.
 
-Safety: push is resumable (blobs first, then an idempotent commit); pull writes each file under a
-temporary name and renames it only after its sha256 matched, through a content-addressed cache.
+Safety: push is resumable (blobs first, then an idempotent commit); pull places each file under
+a temporary name and renames it only once its bytes are verified, through the content-addressed
+cache of `cli.cache` (hashed when filled, trusted afterwards while its stamp matches).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +24,9 @@ from typing import Any, TypeVar
 import httpx
 
 from cli.bases import folder_signature, hub_signature, local_check
+from cli.cache import PARTIAL_SUFFIX, BlobCache, BlobWriter, Stamp, default_hardlinks
 from cli.folders import walk_files
+from cli.problems import DEFAULT_URL, raise_for_problem
 from cli.progress import NoProgress, Progress
 from registry.core.basemodel import BaseSignature
 from registry.core.compat import CompatReport
@@ -41,7 +41,6 @@ from registry.core.errors import (
     RegistryError,
     Unavailable,
     VersionYanked,
-    error_from_code,
 )
 from registry.core.jobs import (
     DEFAULT_LEASE_S,
@@ -104,10 +103,8 @@ from registry.core.schemas import (
     check_token_name,
 )
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 CHUNK = 1024 * 1024
 RETRIES = 4
-PARTIAL_SUFFIX = ".lora-reg-partial"  # temporary files: "." + name + random + this
 T = TypeVar("T")
 
 
@@ -218,11 +215,14 @@ class Registry:
         cache_dir: str | Path | None = None,
         timeout: float = 300.0,
         concurrency: int = 4,
+        hardlinks: bool | None = None,
     ) -> None:
         self.url = (url or os.environ.get("LORA_REG_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("LORA_REG_TOKEN")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.concurrency = concurrency
+        # Pulled files may be hard links to the read-only cache blobs (see `cli.cache`).
+        self.hardlinks = default_hardlinks() if hardlinks is None else hardlinks
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         # httpx drops Authorization on redirects to another origin (presigned S3 URLs).
         self.http = httpx.Client(
@@ -251,7 +251,7 @@ class Registry:
                 f"cannot reach the registry at {self.url} ({type(exc).__name__}: {exc}); is "
                 "`lora-reg server` running? (--url / LORA_REG_URL)"
             ) from exc
-        _raise_for_problem(response)
+        raise_for_problem(response)
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -895,7 +895,7 @@ class Registry:
 
         response = _retry(attempt, f"upload of {path}")
         if url.startswith("/"):
-            _raise_for_problem(response)
+            raise_for_problem(response)
         elif response.status_code >= 400:
             if "BadDigest" in response.text or "Checksum" in response.text:
                 raise ChecksumMismatch(
@@ -949,10 +949,12 @@ class Registry:
     ) -> PullResult:
         """Download a version into `out_dir` (default `./<name>`), verified, through the cache.
 
-        Each file is written under a temporary name and renamed only after its sha256 matched;
-        cached blobs are re-hashed on use and fetched again if they no longer match. The folder
-        ends up holding exactly the version: files of other versions found there are refused
-        (`OutputNotEmpty`) unless `force`, which removes them once the version is in place.
+        Each file is placed under a temporary name and renamed once its bytes are verified: a
+        cached blob is used as it is while its stamp matches, hashed again when not, and fetched
+        again when wrong (`cli.cache`). Files are reflinks, hard links to the read-only cache
+        blobs or copies, in that order of preference (`hardlinks=False`: never hard links). The
+        folder ends up holding exactly the version: files of other versions found there are
+        refused (`OutputNotEmpty`) unless `force`, which removes them once the version is in place.
         """
         progress = progress or NoProgress()
         parsed = parse_reference(ref)
@@ -1014,62 +1016,56 @@ class Registry:
             (target / stranger).unlink()
         return fetched
 
-    def _cache_path(self, sha256: str) -> Path:
-        return self.cache_dir / "blobs" / "sha256" / sha256[:2] / sha256
+    @property
+    def blob_cache(self) -> BlobCache:
+        """The verified blob cache under `cache_dir` that pulls go through."""
+        return BlobCache(self.cache_dir, hardlinks=self.hardlinks)
 
     def _pull_file(self, file: VersionFileOut, target: Path, progress: Progress) -> bool:
         """Place one file; True when its bytes came over the network.
 
-        Bytes are hashed once on the way into the cache (download) or on the way out (cache
-        hit); the copy into the output folder is a plain kernel copy of verified bytes.
+        Bytes are hashed on the way into the cache (download); a cached blob is placed without
+        being read while its stamp matches, and hashed again first when it does not.
         """
         destination = target / file.path
         destination.parent.mkdir(parents=True, exist_ok=True)
-        cache = self._cache_path(file.sha256)
-        if cache.exists():
-            with open(cache, "rb") as handle:
-                if hash_stream(handle, progress.advance) == (file.size, file.sha256):
-                    _place(cache, destination)
-                    return False
-            progress.advance(-cache.stat().st_size)
-        # A damaged cache entry is replaced atomically by the download below.
-        _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
-        _place(cache, destination)
+        cache = self.blob_cache
+        if cache.place(file.sha256, file.size, destination, progress):
+            return False
+        # Absent or damaged: the download replaces the cache entry atomically.
+        stamp = _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
+        if not (
+            cache.put(file.sha256, stamp, destination)
+            or cache.place(file.sha256, file.size, destination, NoProgress())
+        ):
+            raise Unavailable(
+                f"{file.path}: its blob in {cache.root} was replaced while it was being placed "
+                "(another process writing to the cache?); pull again"
+            )
         return True
 
-    def _download(self, file: VersionFileOut, cache: Path, progress: Progress) -> None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
-        digest = hashlib.sha256()
-        received = 0
+    def _download(self, file: VersionFileOut, cache: BlobCache, progress: Progress) -> Stamp:
+        """Fetch one blob into the cache, hashing it on the way; the stamp of the verified blob."""
         if file.url is None:
             raise BlobNotFound(f"the registry does not hold {file.path}: nothing to download")
         client = self.http if file.url.startswith("/") else self.raw
+        writer: BlobWriter | None = None
         try:
-            with client.stream("GET", file.url) as response:
+            with (
+                cache.fill(file.sha256, file.size, file.path) as writer,
+                client.stream("GET", file.url) as response,
+            ):
                 if response.status_code >= 400:
                     response.read()
-                    _raise_for_problem(response)
-                with open(partial, "wb") as handle:
-                    for chunk in response.iter_bytes(CHUNK):
-                        digest.update(chunk)
-                        handle.write(chunk)
-                        received += len(chunk)
-                        progress.advance(len(chunk))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if received != file.size or digest.hexdigest() != file.sha256:
-                raise ChecksumMismatch(
-                    f"{file.path}: downloaded {received} bytes hashing to "
-                    f"sha256:{digest.hexdigest()}, expected {file.size} bytes with "
-                    f"sha256:{file.sha256}; the stored blob is damaged"
-                )
-            os.replace(partial, cache)
+                    raise_for_problem(response)
+                for chunk in response.iter_bytes(CHUNK):
+                    writer.write(chunk)
+                    progress.advance(len(chunk))
         except BaseException:
-            progress.advance(-received)
+            progress.advance(-(writer.received if writer else 0))
             raise
-        finally:
-            partial.unlink(missing_ok=True)
+        assert writer.stamp is not None  # set by a clean exit from `fill`
+        return writer.stamp
 
 
 def _job_path(job_id: str) -> str:
@@ -1134,33 +1130,3 @@ def _strangers(target: Path, expected: set[str]) -> list[str]:
         if relative not in expected:
             found.append(relative)
     return sorted(found)
-
-
-def _place(source: Path, destination: Path) -> None:
-    """Copy verified bytes to `destination` under a temporary name, then rename atomically."""
-    partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
-    try:
-        shutil.copyfile(source, partial)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, destination)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _raise_for_problem(response: httpx.Response) -> None:
-    if response.status_code < 400:
-        return
-    try:
-        body = response.json()
-        code, detail = body["code"], body.get("detail") or body.get("title", "")
-        details = body.get("details") or {}
-    except (ValueError, KeyError, TypeError):
-        if response.status_code >= 500:
-            raise Unavailable(
-                f"registry answered HTTP {response.status_code}: {response.text[:300]}"
-            ) from None
-        raise RegistryError(
-            f"registry answered HTTP {response.status_code}: {response.text[:300]}"
-        ) from None
-    raise error_from_code(code, detail, details)

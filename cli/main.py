@@ -1,4 +1,12 @@
-"""`lora-reg`: the command line (typer). Thin: parses flags, calls `cli.client.Registry`, prints.
+"""`lora-reg`: the command line (typer). The entry point only: the global options, the table of
+commands (`COMMANDS`) and the one handler that turns errors into messages and exit codes.
+
+Each command lives in a `cli.*_commands` module that is imported only when that command runs:
+the root group looks commands up in `LazyCommands`, which imports a command's module the first
+time its name is looked up. `lora-reg ls` then pays for `ls` alone, not for the client, pydantic's
+models, the compatibility checker and the server-side imports of every other command
+(`tests/test_cli_imports.py` pins this; `bench/cli.py` times it). `--help` and anything that
+walks `commands` look every name up, and so load every module, as before.
 
 Human output is rich tables on stdout and progress bars on stderr; `--json` prints machine output
 on stdout. Errors print one line on stderr and exit with the code of their class
@@ -7,46 +15,136 @@ on stdout. Errors print one line on stderr and exit with the code of their class
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
-from pathlib import Path
+from collections.abc import Iterator, MutableMapping
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from typer.core import TyperGroup
 
-from cli.base_commands import base_app, check, print_findings
-from cli.client import DEFAULT_URL
 from cli.console import (
+    DEFAULT_URL,
     JSON_HELP,
     QUIET_OPTION,
     TOKEN_OPTION,
     URL_OPTION,
     VERBOSE_OPTION,
     VERSION_OPTION,
-    JsonOpt,
-    emit_json,
     err,
     escape,
-    out,
-    page_footer,
-    progress,
-    registry,
-    size,
+    print_findings,
     state,
-    when,
     with_global_options,
 )
-from registry.core.compat import CompatReport
 from registry.core.errors import RegistryError
-from registry.core.schemas import VersionOut, parse_pairs
+
+# Command name -> "module:attribute", a function (a command) or a `typer.Typer` (a group), in the
+# order `lora-reg --help` lists them.
+COMMANDS = {
+    "push": "cli.adapter_commands:push",
+    "pull": "cli.adapter_commands:pull",
+    "ls": "cli.adapter_commands:list_adapters",
+    "show": "cli.adapter_commands:show",
+    "versions": "cli.adapter_commands:versions",
+    "history": "cli.alias_commands:history",
+    "resolve": "cli.alias_commands:resolve",
+    "audit": "cli.alias_commands:audit",
+    "identify": "cli.alias_commands:identify",
+    "yank": "cli.alias_commands:yank",
+    "gc": "cli.alias_commands:gc",
+    "who-runs": "cli.alias_commands:who_runs",
+    "deployments": "cli.deployment_commands:deployments",
+    "check": "cli.base_commands:check",
+    "merge": "cli.merge_commands:merge",
+    "jobs": "cli.merge_commands:jobs",
+    "worker": "cli.merge_commands:worker",
+    "server": "cli.server_commands:server",
+    "whoami": "cli.token_commands:whoami",
+    "alias": "cli.alias_commands:alias_app",
+    "base": "cli.base_commands:base_app",
+    "db": "cli.server_commands:db_app",
+    "token": "cli.token_commands:token_app",
+    "webhook": "cli.webhook_commands:webhook_app",
+}
+# The root app's settings; each command is built with them too (`_holder`).
+SETTINGS: dict[str, Any] = {"pretty_exceptions_enable": False, "rich_markup_mode": None}
+
+
+class LazyCommands(MutableMapping[str, Any]):
+    """The root group's commands by name, each built (its module imported) when first looked up.
+
+    Values are typer's click commands and groups (typer vendors click: no public type for them).
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._built[name] = typer.main.get_group(_holder(name)).commands[name]
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COMMANDS)
+
+    def __len__(self) -> int:
+        return len(COMMANDS)
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        raise TypeError(f"add {name!r} to cli.main.COMMANDS")
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"remove {name!r} from cli.main.COMMANDS")
+
+
+class LazyGroup(TyperGroup):
+    """The root group: its commands come from `LazyCommands`."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.commands = LazyCommands()
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)  # the names only: typer's own builds every command
+
+
+@functools.cache
+def _holder(name: str) -> typer.Typer:
+    """An app holding only command `name`, registered as the root app once registered them all
+    (so typer builds the same command), with the global options added to it. Cached: the
+    options are added once per process however many times the CLI runs in it (tests)."""
+    module, attribute = COMMANDS[name].split(":")
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer(**SETTINGS)
+    if isinstance(target, typer.Typer):
+        _global_options_everywhere(target)
+        holder.add_typer(target, name=name)
+    else:
+        holder.command(name)(with_global_options(target))
+    return holder
+
+
+def _global_options_everywhere(typer_app: typer.Typer) -> None:
+    """Every command (not the groups) also takes the global options after its name."""
+    for command in typer_app.registered_commands:
+        assert command.callback is not None
+        command.callback = with_global_options(command.callback)
+    for group in typer_app.registered_groups:
+        assert group.typer_instance is not None
+        _global_options_everywhere(group.typer_instance)
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     name="lora-reg",
     help="Push, pull and browse versioned LoRA adapters.\n\nThe options below also work after the "
     "command: lora-reg ls --token X.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    **SETTINGS,
 )
 
 
@@ -65,339 +163,6 @@ def main_options(
     state.json = as_json
 
 
-def _metrics(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:g}" for k, v in sorted(metrics.items()))
-
-
-def _compat(version: VersionOut) -> str:
-    if version.compat_status is None:
-        return "unchecked (base not registered: lora-reg base add)"
-    return f"{version.compat_status} with {version.compat_base}" + (
-        f" ({len(version.compat_report.errors)} error(s), {len(version.compat_report.warnings)} "
-        "warning(s))"
-        if version.compat_report
-        else ""
-    )
-
-
-def _base(version: VersionOut) -> str:
-    if not version.base_model_id:
-        return "-"
-    return version.base_model_id + (
-        f"@{version.base_model_revision}" if version.base_model_revision else ""
-    )
-
-
-# --- commands ----------------------------------------------------------------------------------
-
-
-@app.command()
-def push(
-    directory: Annotated[
-        Path, typer.Argument(help="PEFT adapter folder (save_pretrained output).")
-    ],
-    name: Annotated[str, typer.Argument(help="Adapter name: namespace/name.")],
-    base: Annotated[
-        str | None, typer.Option(help="Base model id[@revision]; default from adapter_config.json.")
-    ] = None,
-    metric: Annotated[list[str], typer.Option(help="Eval metric name=number (repeatable).")] = [],  # noqa: B006
-    label: Annotated[list[str], typer.Option(help="Label key=value (repeatable).")] = [],  # noqa: B006
-    lineage: Annotated[
-        list[str], typer.Option(help="Lineage key=value: run, dataset, commit... (repeatable).")
-    ] = [],  # noqa: B006
-    description: Annotated[str | None, typer.Option(help="Free-text description.")] = None,
-    exclude: Annotated[
-        list[str], typer.Option(help="Glob of files to leave out (repeatable).")
-    ] = [],  # noqa: B006
-    alias: Annotated[
-        str | None, typer.Option(help="Point this alias (e.g. staging) at the pushed version.")
-    ] = None,
-    require_compatible: Annotated[
-        bool,
-        typer.Option(
-            "--require-compatible",
-            help="Refuse the push unless it is proven compatible with its registered base.",
-        ),
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Push an adapter folder as a new immutable version."""
-    metrics: dict[str, Any] = parse_pairs("--metric", metric)
-    with registry() as client:
-        result = client.push(
-            directory,
-            name,
-            base=base,
-            metrics=metrics,
-            labels=parse_pairs("--label", label),
-            lineage=parse_pairs("--lineage", lineage),
-            description=description,
-            exclude=tuple(exclude),
-            require_compatible=require_compatible,
-            alias=alias,
-            progress=progress(),
-        )
-    if as_json:
-        emit_json(
-            {
-                "version": result.version.model_dump(mode="json"),
-                "created": result.created,
-                "uploaded_bytes": result.uploaded_bytes,
-                "uploaded_files": result.uploaded_files,
-                "skipped_bytes": result.skipped_bytes,
-            }
-        )
-        return
-    v = result.version
-    verb = "pushed" if result.created else "already exists as"
-    out.print(
-        f"{verb} {escape(v.adapter)}@{v.number} {v.digest}\n"
-        f"  uploaded {size(result.uploaded_bytes)} in {result.uploaded_files} file(s), "
-        f"{size(result.skipped_bytes)} already stored\n"
-        f"  {escape(_compat(v))}"
-    )
-
-
-@app.command()
-def pull(
-    ref: Annotated[
-        str,
-        typer.Argument(help="ns/name, ns/name@7, ns/name@sha256:..., or a merge's sha256:..."),
-    ],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Folder to write (default ./<name>).")
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="LORA_REG_CACHE_DIR", help="Blob cache (default ~/.cache/lora-reg)."),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Remove files in the folder that are not in REF.")
-    ] = False,
-    allow_yanked: Annotated[
-        bool, typer.Option("--allow-yanked", help="Pull a yanked version anyway.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Download a version (or a merged checkpoint, by its sha256:... digest), verified."""
-    if ref.startswith("sha256:"):
-        _pull_artifact(ref, output, cache_dir, force, as_json)
-        return
-    with registry(cache_dir) as client:
-        result = client.pull(
-            ref, output, force=force, allow_yanked=allow_yanked, progress=progress()
-        )
-    if result.version.note:
-        err.print(f"note: {escape(result.version.note)}")
-    if as_json:
-        emit_json(
-            {
-                "version": result.version.model_dump(mode="json"),
-                "path": str(result.path),
-                "downloaded_bytes": result.downloaded_bytes,
-                "cached_bytes": result.cached_bytes,
-            }
-        )
-        return
-    v = result.version
-    out.print(
-        f"pulled {escape(v.adapter)}@{v.number} {v.digest} into {escape(str(result.path))}\n"
-        f"  downloaded {size(result.downloaded_bytes)}, {size(result.cached_bytes)} from cache"
-    )
-
-
-def _pull_artifact(
-    digest: str, output: Path | None, cache_dir: Path | None, force: bool, as_json: bool
-) -> None:
-    target = output or Path(f"merged-{digest.removeprefix('sha256:')[:12]}")
-    with registry(cache_dir) as client:
-        path = client.pull_artifact(digest, target, progress(), force=force)
-        artifact = client.artifact(digest)
-    if as_json:
-        emit_json({"artifact": artifact.model_dump(mode="json"), "path": str(path)})
-        return
-    out.print(
-        f"pulled {escape(artifact.adapter)} merged into {escape(artifact.base)} ({digest[:19]}) "
-        f"into {escape(str(path))}"
-    )
-
-
-@app.command("ls")
-def list_adapters(
-    namespace: Annotated[str | None, typer.Argument(help="Only this namespace.")] = None,
-    base: Annotated[str | None, typer.Option(help="Only adapters for this base model.")] = None,
-    label: Annotated[list[str], typer.Option(help="Only with label key=value.")] = [],  # noqa: B006
-    compat: Annotated[
-        str | None,
-        typer.Option(
-            help="Only adapters whose latest version is compatible, incompatible or unchecked."
-        ),
-    ] = None,
-    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
-    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
-    as_json: JsonOpt = False,
-) -> None:
-    """List adapters."""
-    with registry() as client:
-        page = client.list(
-            namespace,
-            base=base,
-            labels=parse_pairs("--label", label),
-            compat=compat,
-            limit=limit,
-            offset=offset,
-        )
-    if as_json:
-        emit_json(page)
-        return
-    table = Table("adapter", "versions", "latest", "base", "compat", "metrics", "created")
-    for item in page.items:
-        latest = item.latest
-        table.add_row(
-            escape(item.name),
-            str(item.version_count),
-            f"@{latest.number}" if latest else "-",
-            escape(_base(latest)) if latest else "-",
-            escape(latest.compat_status or "unchecked") if latest else "",
-            escape(_metrics(latest.metrics)) if latest else "",
-            when(latest.created_at) if latest else "",
-        )
-    out.print(table)
-    page_footer(page.total, page.offset, len(page.items), page.next_offset)
-
-
-@app.command()
-def show(
-    ref: Annotated[str, typer.Argument(help="ns/name[@version|@sha256:...]")],
-    as_json: JsonOpt = False,
-) -> None:
-    """Show one version: metadata, metrics, lineage and files."""
-    with registry() as client:
-        version = client.get(ref)
-    if version.note:
-        err.print(f"note: {escape(version.note)}")
-    if as_json:
-        emit_json(version)
-        return
-    targets = version.target_modules
-    rows = [
-        ("version", f"{version.adapter}@{version.number}"),
-        ("digest", version.digest),
-        ("base model", _base(version)),
-        ("peft", f"{version.peft_type} task={version.task_type or '-'}"),
-        (
-            "rank / alpha",
-            f"r={version.r} alpha={version.lora_alpha:g}"
-            + (" rslora" if version.use_rslora else "")
-            + (" dora" if version.use_dora else ""),
-        ),
-        ("target modules", ", ".join(targets) if isinstance(targets, list) else str(targets)),
-        ("metrics", _metrics(version.metrics) or "-"),
-        ("labels", " ".join(f"{k}={v}" for k, v in sorted(version.labels.items())) or "-"),
-        ("lineage", " ".join(f"{k}={v}" for k, v in sorted(version.lineage.items())) or "-"),
-        ("description", version.description or "-"),
-        ("created", f"{when(version.created_at)} by {version.created_by or '-'}"),
-        ("size", f"{size(version.size)} in {version.file_count} file(s)"),
-        ("compatibility", _compat(version)),
-    ]
-    if version.yanked_at:
-        rows.append(
-            (
-                "yanked",
-                f"{when(version.yanked_at)} by {version.yanked_by or '-'}: {version.yank_reason}",
-            )
-        )
-    table = Table(show_header=False, box=None)
-    for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", escape(value))
-    out.print(table)
-    files = Table("file", "size", "sha256")
-    for file in version.files or []:
-        files.add_row(escape(file.path), size(file.size), file.sha256[:16])
-    out.print(files)
-    if version.compat_report:
-        print_findings(version.compat_report)
-
-
-@app.command()
-def versions(
-    name: Annotated[str, typer.Argument(help="ns/name")],
-    sort: Annotated[
-        str, typer.Option(help="number, created or metrics.<name>; prefix '-' for descending.")
-    ] = "-number",
-    limit: Annotated[int, typer.Option(help="Page size.")] = 50,
-    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
-    as_json: JsonOpt = False,
-) -> None:
-    """List the versions of an adapter."""
-    with registry() as client:
-        page = client.versions(name, sort=sort, limit=limit, offset=offset)
-    if as_json:
-        emit_json(page)
-        return
-    table = Table("version", "digest", "base", "r", "metrics", "created", "by")
-    for v in page.items:
-        table.add_row(
-            f"@{v.number}" + (" (yanked)" if v.yanked_at else ""),
-            v.digest[:19],
-            escape(_base(v)),
-            str(v.r),
-            escape(_metrics(v.metrics)),
-            when(v.created_at),
-            escape(v.created_by or "-"),
-        )
-    out.print(table)
-    page_footer(page.total, page.offset, len(page.items), page.next_offset)
-
-
-def _register_commands() -> None:
-    from cli.alias_commands import (
-        alias_app,
-        audit,
-        gc,
-        history,
-        identify,
-        resolve,
-        who_runs,
-        yank,
-    )
-    from cli.deployment_commands import deployments
-    from cli.merge_commands import jobs, merge, worker
-    from cli.server_commands import db_app, server
-    from cli.token_commands import token_app, whoami
-    from cli.webhook_commands import webhook_app
-
-    app.add_typer(alias_app, name="alias")
-    for command in (history, resolve, audit, identify, yank, gc):
-        app.command()(command)
-    app.command("who-runs")(who_runs)
-    app.command()(deployments)
-    app.command()(check)
-    app.add_typer(base_app, name="base")
-    app.command()(merge)
-    app.command()(jobs)
-    app.command()(worker)
-    app.command()(server)
-    app.add_typer(db_app, name="db")
-    app.add_typer(token_app, name="token")
-    app.add_typer(webhook_app, name="webhook")
-    app.command()(whoami)
-    _global_options_everywhere(app)
-
-
-def _global_options_everywhere(typer_app: typer.Typer) -> None:
-    """Every command (not the groups) also takes the global options after its name."""
-    for command in typer_app.registered_commands:
-        assert command.callback is not None
-        command.callback = with_global_options(command.callback)
-    for group in typer_app.registered_groups:
-        assert group.typer_instance is not None
-        _global_options_everywhere(group.typer_instance)
-
-
-_register_commands()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one place that turns errors into messages and exit codes.
 
@@ -410,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             err.print_exception()
         err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
         if isinstance(exc.details.get("report"), dict):  # push --require-compatible
-            print_findings(CompatReport.model_validate(exc.details["report"]), console=err)
+            print_findings(exc.details["report"], console=err)
         sys.exit(exc.exit_code)
     except OSError as exc:
         if state.verbose:
