@@ -347,17 +347,21 @@ def start_vllm(
     )
     server.env = full_env
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"vLLM exited with {process.returncode}:\n{server.log_text()[-6000:]}"
-            )
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"vLLM exited with {process.returncode}:\n{server.log_text()[-6000:]}"
+                )
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # Ctrl-C or SIGTERM while waiting: the caller never gets the process
+        stop_vllm(server)
+        raise
     stop_vllm(server)
     raise RuntimeError(f"vLLM not ready in {timeout} s:\n{server.log_text()[-6000:]}")
 
