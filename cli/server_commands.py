@@ -60,12 +60,21 @@ def server(
             help="Run one merge worker in this process (needs the [worker] extra).",
         ),
     ] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            envvar="LORA_REG_WORKERS",
+            min=1,
+            help="Server processes sharing the port (default: one per CPU, at most 8).",
+        ),
+    ] = None,
 ) -> None:
     """Run the registry API server (migrates SQLite; checks PostgreSQL is migrated)."""
     with _server_side():
         from registry.server import serve
 
-        serve(host, port, log_level, embedded_worker=worker)
+        serve(host, port, log_level, embedded_worker=worker, workers=workers)
 
 
 @db_app.command("upgrade")

@@ -5,10 +5,17 @@ writers queue on the database lock instead of failing half-way, and read-only on
 (`read_only(engine)`) as `BEGIN DEFERRED`; PostgreSQL relies on row locks
 (`SELECT ... FOR UPDATE`) taken by the services. The schema exists only through Alembic:
 `upgrade` applies migrations and `schema_status` tells the server whether it may start.
+
+A PostgreSQL pool keeps one connection per request thread (`POOL_SIZE`, anyio's worker thread
+count: a request uses its connection only inside the thread that runs it), so steady load never
+opens or closes connections; the overflow serves the background threads. A connection is
+checked with a round trip only when it was idle for `PING_AFTER_IDLE_S` (where a restarted
+server or a firewall drops it), not on every checkout.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +36,13 @@ from registry.core.errors import Conflict, DatabaseUnavailable, InvalidInput
 from registry.settings import Settings, get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# anyio runs sync endpoints and dependencies in at most 40 worker threads per process; each holds
+# at most one connection at a time.
+POOL_SIZE = 40
+# For the threads outside that pool: the webhook sender, start-up checks, a test's own sessions.
+POOL_OVERFLOW = 10
+PING_AFTER_IDLE_S = 10.0
 
 
 def make_engine(url: str) -> Engine:
@@ -58,7 +72,31 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = sa.create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    ping_after_idle(engine, PING_AFTER_IDLE_S)
+    return engine
+
+
+def ping_after_idle(engine: Engine, idle_s: float) -> None:
+    """Check a pooled connection with a round trip before use when it has been idle for more
+    than `idle_s` seconds: a dead one is replaced (the pool retries with a new connection) and
+    the request never sees it. Busy connections are not pinged; one that died under load fails
+    its request as `DatabaseUnavailable` (503, retryable), and SQLAlchemy then replaces every
+    connection of the pool that is as old."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _check(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"connection idle for {idle_s:.0f}+ s is gone") from exc
 
 
 @lru_cache
@@ -71,25 +109,55 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(sqlite_begin="DEFERRED")
 
 
+def new_session(engine: Engine | None = None) -> Session:
+    """A session on `engine`; it takes a connection only when it first runs a statement."""
+    return Session(engine or get_engine(), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(engine: Engine | None = None) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error, translate driver errors once."""
-    with Session(engine or get_engine(), expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except OperationalError as exc:
+    session = new_session(engine)
+    try:
+        yield session
+    except BaseException as exc:
+        end_session(session, exc)
+        raise
+    end_session(session)
+
+
+def end_session(session: Session, error: BaseException | None = None) -> None:
+    """End a session's transaction and give its connection back: commit when there was no
+    `error`, else roll back. Blocking (a round trip when a transaction is open). Driver errors,
+    `error` or the commit's own, are raised translated (`translate`); others pass unchanged."""
+    try:
+        if error is None:
+            try:
+                session.commit()
+            except BaseException as exc:
+                session.rollback()
+                translated = translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
+        else:
             session.rollback()
-            raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
-        except IntegrityError as exc:
-            session.rollback()
-            raise Conflict("the change conflicts with one made at the same time; retry it") from exc
-        except DataError as exc:
-            session.rollback()
-            raise InvalidInput(f"a value does not fit the database: {exc.orig}") from exc
-        except BaseException:
-            session.rollback()
-            raise
+            translated = translate(error)
+            if translated is not error:
+                raise translated from error
+    finally:
+        session.close()
+
+
+def translate(error: BaseException) -> BaseException:
+    """A driver error as the registry error it means; any other error as it is."""
+    if isinstance(error, OperationalError):
+        return DatabaseUnavailable(f"database unavailable: {error.orig}")
+    if isinstance(error, IntegrityError):
+        return Conflict("the change conflicts with one made at the same time; retry it")
+    if isinstance(error, DataError):
+        return InvalidInput(f"a value does not fit the database: {error.orig}")
+    return error
 
 
 # --- migrations --------------------------------------------------------------------------------

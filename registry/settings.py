@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     # Bearer tokens are required on every route but /healthz and /readyz. `off` is for a server
     # on your own machine: the server refuses to bind anything but loopback with auth off.
     auth: bool = True
+    # Who may read /metrics: `token` (a read-scoped token; Prometheus sends one from its
+    # scrape config's `authorization: {credentials_file: ...}`) or `none` (whoever reaches the
+    # port: for scrapers on a private network that carry no token). The metrics hold route
+    # templates and counts, never adapter names or tokens. Ignored with auth off.
+    metrics_auth: Literal["token", "none"] = "token"
     # Aliases that only admin tokens may move or remove (comma-separated).
     protected_aliases: str = "production"
     # Where write tokens may send merges besides the registry (comma-separated targets: a

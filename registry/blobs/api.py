@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.requests import ClientDisconnect
 
+from registry import metrics
 from registry.auth import READ, UPLOAD, AdminAccess
 from registry.blobs import service
 from registry.core.errors import (
@@ -167,9 +168,10 @@ def collect_garbage(
 def get_blob(digest: str, session: ReadSessionDep, store: StoreDep) -> Response:
     """A blob's bytes (folder store) or a redirect to a presigned URL (S3 store)."""
     sha = _sha(digest)
-    service.require_blob(session, sha)
+    size = service.require_blob(session, sha)
     if isinstance(store, FolderStore):
         return FileResponse(store.path(sha), media_type="application/octet-stream")
     url = store.download_url(sha)
     assert url is not None
+    metrics.presigned_download(size)
     return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)

@@ -13,6 +13,7 @@ from typing import BinaryIO
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry import metrics
 from registry.core import events
 from registry.core.errors import BlobMissing, BlobNotFound, ChecksumMismatch
 from registry.core.manifest import FileEntry
@@ -102,16 +103,22 @@ def plan_upload(
     multipart = sum(size for size in missing.values() if size > settings.multipart_threshold)
     part_size = max(settings.part_size, -(-multipart // MAX_PLAN_PARTS))
     instructions = []
+    presigned = 0  # bytes sent straight to the store (S3), not through this server
     for sha, size in sorted(missing.items()):
         instruction = store.upload_instruction(
             sha,
             size,
             multipart_threshold=settings.multipart_threshold,
             part_size=part_size,
-        ) or UploadInstruction(sha256=sha, size=size, kind="single", url=blob_url(sha))
+        )
+        if instruction is None:
+            instruction = UploadInstruction(sha256=sha, size=size, kind="single", url=blob_url(sha))
+        else:
+            presigned += size
         if instruction.kind == "multipart":
             instruction.complete_url = blob_url(sha) + "/multipart"
         instructions.append(instruction)
+    metrics.upload_planned(session, len(present), len(missing), presigned)
     return UploadPlan(missing=instructions, present=sorted(present))
 
 

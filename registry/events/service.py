@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry import metrics
 from registry.core.events import Event
 from registry.core.schemas import AuditEventOut, EventPage
 from registry.models import AuditEvent, as_utc
@@ -40,6 +41,7 @@ def record(session: Session, actor: str | None, event: Event, at: datetime | Non
     if session.get_bind().dialect.name == "postgresql":  # held until commit or rollback
         session.execute(sa.select(sa.func.pg_advisory_xact_lock(EVENT_ORDER_LOCK)))
     session.add(row)
+    metrics.event_recorded(session, event.action)
 
 
 def event_out(row: AuditEvent) -> AuditEventOut:

@@ -17,9 +17,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from starlette.responses import Response
 
+from registry import metrics
 from registry.auth import READ, Surface, bearer_secret
 from registry.core.errors import NotAuthenticated, RegistryError
 from registry.deps import ReadSessionDep, SettingsDep, StoreDep
+from registry.guards import ThreadedJSONRoute
 from registry.hub import protocol, service
 from registry.hub.protocol import (
     HEADER_COMMIT,
@@ -57,7 +59,10 @@ def render_hub_error(request: Request, error: RegistryError) -> Response:
 
 HUB = Surface(name="hub", prefix=PREFIX + "/", secret=hub_secret, render=render_hub_error)
 
-router = APIRouter(prefix=PREFIX, tags=["hub"], include_in_schema=False)
+# ThreadedJSONRoute: each endpoint and the end of its transaction run in one worker thread.
+router = APIRouter(
+    prefix=PREFIX, tags=["hub"], include_in_schema=False, route_class=ThreadedJSONRoute
+)
 
 
 def _repo(namespace: str, name: str) -> str:
@@ -128,7 +133,13 @@ def tree_at(
     response_class=Response,
 )
 def resolve_file(
-    session: ReadSessionDep, store: StoreDep, namespace: str, name: str, revision: str, path: str
+    request: Request,
+    session: ReadSessionDep,
+    store: StoreDep,
+    namespace: str,
+    name: str,
+    revision: str,
+    path: str,
 ) -> Response:
     """A file's bytes (with Range support) or, when the store is S3, a redirect to a presigned
     URL; either way with the commit, the ETag (the sha256) and the size the client checks."""
@@ -141,6 +152,8 @@ def resolve_file(
     if url is not None:
         headers[HEADER_LINKED_ETAG] = file.etag
         headers[HEADER_LINKED_SIZE] = str(file.size)
+        if request.method == "GET":
+            metrics.presigned_download(file.size)
         return RedirectResponse(url, status_code=302, headers=headers)
     headers["Content-Length"] = str(file.size)
     return StreamingResponse(

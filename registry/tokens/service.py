@@ -3,12 +3,20 @@
 Called by `registry.tokens.api` inside the request transaction (flushes, never commits) and by
 `registry.server` at start-up (`bootstrap_admin`). Secrets are returned once and only their
 sha256 is stored; every creation and revocation writes an audit event.
+
+`REVOCATIONS` is a stamp that changes when a revocation commits in this process or in a sibling
+worker process of the same `lora-reg server` (they share its 8 bytes through a file the server
+maps into each of them): `registry.auth` keeps a token it found valid only while the stamp it
+saw then is unchanged.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -22,6 +30,40 @@ from registry.models import ApiToken, as_utc
 from registry.repository import for_update
 
 BOOTSTRAP_NAME = "admin"
+# The file whose 8 bytes the worker processes of one `lora-reg server` share (set by the server).
+STAMP_FILE_ENV = "LORA_REG_REVOCATION_STAMP_FILE"
+
+
+class RevocationStamp:
+    """8 bytes that change whenever a token revocation commits: in this process, or (when
+    `share` mapped the server's stamp file) in any process that mapped the same file. Reading
+    it costs no system call."""
+
+    def __init__(self) -> None:
+        self._bytes: mmap.mmap | bytearray = bytearray(8)
+
+    def share(self, path: Path) -> None:
+        """Use the 8 bytes of `path` (made by `make_stamp_file`), shared with every process
+        that maps it."""
+        with open(path, "r+b") as file:
+            self._bytes = mmap.mmap(file.fileno(), 8)
+
+    def read(self) -> bytes:
+        return bytes(self._bytes[:8])
+
+    def change(self) -> None:
+        # Random rather than counted: two processes changing it at once can never write back a
+        # value that a reader saw before.
+        self._bytes[:8] = os.urandom(8)
+
+
+def make_stamp_file(path: Path) -> None:
+    path.write_bytes(bytes(8))
+
+
+REVOCATIONS = RevocationStamp()
+if os.environ.get(STAMP_FILE_ENV):
+    REVOCATIONS.share(Path(os.environ[STAMP_FILE_ENV]))
 
 
 def token_out(row: ApiToken) -> TokenOut:
@@ -99,6 +141,8 @@ def revoke_token(session: Session, name: str, actor: str | None) -> TokenOut:
     session.add(row)
     record(session, actor, events.TokenRevoked(subject=name, scope=row.scope))
     session.flush()
+    # Once the revocation is visible to every reader, no process may trust what it saw before.
+    sa.event.listen(session, "after_commit", lambda _session: REVOCATIONS.change(), once=True)
     return token_out(row)
 
 

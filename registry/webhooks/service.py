@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry import metrics
 from registry.access import Caller
 from registry.core.errors import InvalidInput, NotFound
 from registry.core.events import ACTIONS
@@ -192,6 +193,7 @@ def settle(
     else:
         wait = BACKOFF_S[min(delivery.attempts, len(BACKOFF_S)) - 1]
         delivery.next_attempt_at = now + timedelta(seconds=wait)
+    metrics.webhook_attempted(session, delivery.status)
     session.add(delivery)
     session.flush()
 
