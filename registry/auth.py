@@ -27,7 +27,9 @@ left open by mistake. The rules themselves (scopes, protected aliases, merge tar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -45,7 +47,7 @@ from registry.core.schemas import Scope
 from registry.core.tokens import SECRET_RE, new_secret, secret_sha256
 from registry.db import read_only, session_scope
 from registry.settings import Settings
-from registry.tokens.service import find_token
+from registry.tokens.service import REVOCATIONS, find_token
 
 
 def bearer_secret(request: Request) -> str | None:
@@ -100,6 +102,11 @@ def authenticate(request: Request) -> Caller:
     settings: Settings = request.app.state.settings
     if not settings.auth:
         return ANONYMOUS
+    return caller_for(request.app, request_secret(request))
+
+
+def request_secret(request: Request) -> str:
+    """The token secret the request carries, where its surface keeps it."""
     surface = surface_for(request.app.state.surfaces, request.url.path)
     secret = (surface.secret if surface else bearer_secret)(request)
     if secret is None:
@@ -107,15 +114,70 @@ def authenticate(request: Request) -> Caller:
             "this registry needs a token: set LORA_REG_TOKEN (or pass --token); an admin "
             "creates one with lora-reg token create NAME --scope read|write"
         )
-    return caller_for(request.app, secret)
+    return secret
+
+
+# How long a token found valid is trusted without looking at its row again. Only a server
+# replica other than the one that revoked a token can accept it after its revocation, for at
+# most this long: the revoking process and its sibling worker processes forget every token they
+# trusted when a revocation commits (`registry.tokens.service.REVOCATIONS`).
+TOKEN_CACHE_S = 1.0
+
+
+@dataclass
+class TokenCache:
+    """The callers of tokens found valid in the last `ttl_s` seconds, by the secret's sha256,
+    each with the revocation stamp read before its row was: a request of a known caller needs
+    no look-up (no worker thread, no transaction). Unknown and revoked tokens are never kept,
+    so a new token works at once and a refusal always comes from the database."""
+
+    ttl_s: float = TOKEN_CACHE_S
+    clock: Callable[[], float] = time.monotonic
+    max_entries: int = 10_000
+    entries: dict[str, tuple[Caller, float, bytes]] = field(default_factory=dict)
+    # Look-ups under way, by the secret's sha256: when an entry expires under load, the requests
+    # that arrive meanwhile wait for the one look-up instead of each starting their own.
+    lookups: dict[str, asyncio.Future[Caller]] = field(default_factory=dict)
+
+    def get(self, digest: str) -> Caller | None:
+        entry = self.entries.get(digest)
+        if entry is None:
+            return None
+        caller, expires, stamp = entry
+        if self.clock() >= expires or stamp != REVOCATIONS.read():
+            self.entries.pop(digest, None)
+            return None
+        return caller
+
+    def put(self, digest: str, caller: Caller, stamp: bytes) -> None:
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        self.entries[digest] = (caller, self.clock() + self.ttl_s, stamp)
+
+
+def token_cache(app: FastAPI) -> TokenCache:
+    """The app's token cache (made at first use)."""
+    cache: TokenCache | None = getattr(app.state, "token_cache", None)
+    if cache is None:
+        cache = app.state.token_cache = TokenCache()
+    return cache
+
+
+def known_caller(app: FastAPI, secret: str) -> Caller | None:
+    """The caller of a process-internal token or of a token found valid moments ago; None when
+    only the database can tell. No I/O."""
+    digest = secret_sha256(secret)
+    internal: Caller | None = app.state.internal_callers.get(digest)
+    return internal if internal is not None else token_cache(app).get(digest)
 
 
 def caller_for(app: FastAPI, secret: str) -> Caller:
     """The caller a token secret belongs to: a process-internal token, else a stored one that
-    is not revoked."""
-    internal: Caller | None = app.state.internal_callers.get(secret_sha256(secret))
-    if internal is not None:
-        return internal
+    is not revoked (blocking: looks the row up unless `known_caller` knows it)."""
+    known = known_caller(app, secret)
+    if known is not None:
+        return known
+    stamp = REVOCATIONS.read()  # before the row: a revocation committed after it shows
     with session_scope(read_only(app.state.engine)) as session:
         token = find_token(session, secret)
     if token is None:
@@ -128,13 +190,50 @@ def caller_for(app: FastAPI, secret: str) -> Caller:
             f"token {token.name!r} was revoked: ask an admin for a new one (lora-reg token create)",
             token=token.name,
         )
-    return Caller(token.name, token.scope)  # type: ignore[arg-type]  # checked on insert
+    caller = Caller(token.name, token.scope)  # type: ignore[arg-type]  # checked on insert
+    token_cache(app).put(secret_sha256(secret), caller, stamp)
+    return caller
+
+
+async def current_caller(request: Request) -> Caller:
+    """`authenticate` without a worker thread when the caller is already known (kept by
+    AuthMiddleware, a cached or internal token, auth off)."""
+    cached: Caller | None = getattr(request.state, "caller", None)
+    if cached is not None:
+        return cached
+    if not request.app.state.settings.auth:
+        return ANONYMOUS
+    secret = request_secret(request)
+    known = known_caller(request.app, secret)
+    if known is not None:
+        return known
+    return await look_up(request.app, secret)
+
+
+async def look_up(app: FastAPI, secret: str) -> Caller:
+    """`caller_for` in a worker thread, once for all the requests that carry `secret` now."""
+    lookups = token_cache(app).lookups
+    digest = secret_sha256(secret)
+    lookup = lookups.get(digest)
+    if lookup is None:
+        lookup = asyncio.ensure_future(run_in_threadpool(caller_for, app, secret))
+        lookups[digest] = lookup
+
+        def done(finished: asyncio.Future[Caller]) -> None:
+            lookups.pop(digest, None)
+            if not finished.cancelled():
+                finished.exception()  # seen, even when every waiter went away
+
+        lookup.add_done_callback(done)
+    # A request that goes away (its client hung up) must not cancel the others' look-up.
+    return await asyncio.shield(lookup)
 
 
 class AuthMiddleware:
     """Authenticates every request under a surface's prefix before the route reads its body: an
     anonymous client cannot make the server buffer or parse anything. A refusal is rendered the
-    way that surface renders errors."""
+    way that surface renders errors. A token seen valid moments ago (`TokenCache`) is known on
+    the event loop; only other tokens are looked up, in a worker thread."""
 
     def __init__(self, app: ASGIApp, surfaces: Sequence[Surface]) -> None:
         self.app = app
@@ -143,21 +242,22 @@ class AuthMiddleware:
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["app"].state.settings.auth:
             surface = surface_for(self.surfaces, scope["path"])
-            if surface is not None:  # outside every surface: public routes only
+            # Outside every surface, and a surface's own public paths: public routes only.
+            if surface is not None and scope["path"] not in surface.public:
                 request = Request(scope)
                 try:
-                    request.state.caller = await run_in_threadpool(authenticate, request)
+                    request.state.caller = await current_caller(request)
                 except RegistryError as exc:
                     await surface.render(request, exc)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
 
-def _require(need: Need) -> Callable[[Request], Caller]:
-    def dependency(request: Request) -> Caller:
+def _require(need: Need) -> Callable[[Request], Awaitable[Caller]]:
+    async def dependency(request: Request) -> Caller:
         if need == "public":
             return ANONYMOUS
-        return require(authenticate(request), need)
+        return require(await current_caller(request), need)
 
     dependency.need = need  # type: ignore[attr-defined]  # read by route_rules
     dependency.__name__ = f"require_{need}"

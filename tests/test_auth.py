@@ -40,11 +40,13 @@ from tests.conftest import (
 )
 from tests.support.files import manifest
 
-DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+DOCS = ("/openapi.json",)
 # What each route needs: written out here, independently of registry/auth.py.
 EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
+    # Prometheus metrics: a read token by default (LORA_REG_METRICS_AUTH=none makes it public).
+    ("GET", "/metrics"): "read",
     **{(method, path): "public" for method in ("GET", "HEAD") for path in DOCS},
     ("GET", "/api/v1/adapters"): "read",
     ("GET", "/api/v1/adapters/{namespace}/{name}"): "read",
@@ -100,6 +102,33 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/hf/api/models/{namespace}/{name}/tree/{revision}/{path:path}"): "read",
     ("GET", "/hf/{namespace}/{name}/resolve/{revision}/{path:path}"): "read",
     ("HEAD", "/hf/{namespace}/{name}/resolve/{revision}/{path:path}"): "read",
+    # Outside every surface: the way into the UI, its assets, the API docs (served from here).
+    ("GET", "/"): "public",
+    ("GET", "/static/{name:path}"): "public",
+    ("GET", "/docs"): "public",
+    ("GET", "/redoc"): "public",
+    # The web UI (registry/ui): a cookie instead of a header, forms with a CSRF token.
+    ("GET", "/ui/"): "read",
+    ("GET", "/ui/sign-in"): "public",
+    ("POST", "/ui/sign-in"): "public",
+    ("POST", "/ui/sign-out"): "public",
+    ("GET", "/ui/adapters"): "read",
+    ("GET", "/ui/adapters/{namespace}/{name}"): "read",
+    ("GET", "/ui/adapters/{namespace}/{name}/versions/{number}"): "read",
+    ("POST", "/ui/adapters/{namespace}/{name}/aliases"): "write",
+    ("POST", "/ui/adapters/{namespace}/{name}/aliases/{alias}/delete"): "write",
+    ("POST", "/ui/adapters/{namespace}/{name}/versions/{number}/yank"): "write",
+    ("GET", "/ui/bases"): "read",
+    ("GET", "/ui/bases/{ref:path}"): "read",
+    ("GET", "/ui/jobs"): "read",
+    ("GET", "/ui/jobs/{job_id}"): "read",
+    ("GET", "/ui/jobs/{job_id}/status"): "read",
+    ("POST", "/ui/jobs/{job_id}/cancel"): "write",
+    ("POST", "/ui/merges"): "write",
+    ("GET", "/ui/audit"): "read",
+    ("GET", "/ui/tokens"): "admin",
+    ("POST", "/ui/tokens"): "admin",
+    ("POST", "/ui/tokens/{name}/revoke"): "admin",
 }
 # Which token scopes each need admits (read < write < admin, and worker and serving beside).
 ADMITS: dict[str, set[str]] = {
@@ -126,7 +155,10 @@ PATH_VALUES = {
     "webhook_id": "1",
     "revision": "main",
     "path:path": "adapter_config.json",
+    "number": "1",
+    "name:path": "ui.css",
 }
+UI_CSRF = "c" * 43  # the UI's CSRF cookie and form field (registry/ui/session.py)
 
 
 def concrete(path: str) -> str:
@@ -175,6 +207,9 @@ def test_authorization_matrix(
 ) -> None:
     http, secrets = secured
     need = EXPECTED[(method, path)]
+    if path.startswith("/ui/"):
+        check_ui_route(http, secrets, method, path, kind, need)
+        return
     # Without a valid token the body is malformed JSON: auth must answer before it is parsed.
     body = b"{" if kind in BAD_CREDENTIALS else b"{}"
     response = http.request(
@@ -204,10 +239,42 @@ def test_authorization_matrix(
         assert response.json()["code"] == "not_permitted"
 
 
+def check_ui_route(
+    http: TestClient, secrets: dict[str, str], method: str, path: str, kind: str, need: str
+) -> None:
+    """The UI's half of the matrix: the token is in the `lr_token` cookie; a visitor without a
+    valid one is sent to sign in, one whose scope is short gets a 403 page."""
+    cookies = [f"lr_csrf={UI_CSRF}"]
+    if kind != "none":
+        cookies.append(f"lr_token={secrets[kind]}")
+    response = http.request(
+        method,
+        concrete(path),
+        content=f"csrf={UI_CSRF}" if method == "POST" else None,
+        headers={
+            "Cookie": "; ".join(cookies),
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+        follow_redirects=False,
+    )
+    signing_in = response.status_code == 303 and response.headers["location"].startswith(
+        "/ui/sign-in"
+    )
+    if need == "public":  # the sign-in page; signing in with no token is refused with a page
+        assert response.status_code in ((200,) if method == "GET" else (303, 401)), response.text
+    elif kind in BAD_CREDENTIALS:
+        assert signing_in, (response.status_code, response.headers.get("location"))
+    elif kind in ADMITS[need]:
+        assert not signing_in and response.status_code not in (401, 403), response.text
+        assert response.status_code < 500, response.text
+    else:
+        assert response.status_code == 403, response.text
+        assert "not_permitted" in response.text
+
+
 def test_a_route_without_a_rule_stops_the_app_from_starting() -> None:
     from fastapi import APIRouter
 
-    from registry.app import SURFACES
     from registry.auth import check_routes
 
     app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
@@ -219,7 +286,7 @@ def test_a_route_without_a_rule_stops_the_app_from_starting() -> None:
 
     app.include_router(router)
     with pytest.raises(RuntimeError, match="GET /api/v1/forgotten"):
-        check_routes(app, SURFACES)
+        check_routes(app, app.state.surfaces)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +304,6 @@ def test_a_route_on_the_wrong_side_of_a_surface_stops_the_app_from_starting(
     body before the token is checked."""
     from fastapi import APIRouter
 
-    from registry.app import SURFACES
     from registry.auth import PUBLIC, READ, check_routes
 
     app = create_app(Settings(database_url="sqlite:///:memory:", storage_url="file:///tmp/x"))
@@ -249,7 +315,7 @@ def test_a_route_on_the_wrong_side_of_a_surface_stops_the_app_from_starting(
 
     app.include_router(router)
     with pytest.raises(RuntimeError, match=f"GET {path} \\({complaint}\\)"):
-        check_routes(app, SURFACES)
+        check_routes(app, app.state.surfaces)
 
 
 # --- tokens through the API ----------------------------------------------------------------------

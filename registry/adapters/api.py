@@ -52,13 +52,16 @@ def list_adapters(
     base: str | None = None,
     label: Annotated[list[str], Query()] = [],  # noqa: B006  (FastAPI copies defaults)
     compat: str | None = None,
+    q: Annotated[str | None, Query(max_length=200)] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> Page[AdapterOut]:
-    """Adapters, filtered by namespace, base model (`org/model[@rev]`), labels (`key=value`)
-    and the compatibility of their latest version (`compatible`, `incompatible`, `unchecked`)."""
+    """Adapters, filtered by namespace, base model (`org/model[@rev]`), labels (`key=value`),
+    the compatibility of their latest version (`compatible`, `incompatible`, `unchecked`) and
+    `q`, a part of `ns/name` (any case)."""
     return service.list_adapters(
         session,
+        search=q,
         namespace=check_part("namespace", namespace) if namespace else None,
         base=base,
         labels=parse_pairs("label filter", label),

@@ -541,8 +541,12 @@ def list_adapters(
     limit: int,
     offset: int,
     compat: str | None = None,
+    search: str | None = None,
 ) -> Page[AdapterOut]:
     query: Any = select(Adapter)
+    if search:  # part of `ns/name`, any case
+        full = sa.func.lower(col(Adapter.namespace) + "/" + col(Adapter.name))
+        query = query.where(full.like(_contains(search.lower()), escape="\\"))
     if namespace:
         query = query.where(Adapter.namespace == namespace)
     if base:
@@ -572,6 +576,12 @@ def list_adapters(
         query.order_by(col(Adapter.namespace), col(Adapter.name)).limit(limit).offset(offset)
     ).all()
     return make_page(adapter_outs(session, list(rows)), total, limit, offset)
+
+
+def _contains(text: str) -> str:
+    """A LIKE pattern that finds `text` anywhere (its `%`, `_` and `\\` taken literally)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 COMPAT_FILTERS = ("compatible", "incompatible", "unchecked")
@@ -680,3 +690,30 @@ def list_versions(
     total = count(session, query)
     rows = session.exec(query.order_by(*order).limit(limit).offset(offset)).all()
     return make_page([version_out(session, name, row) for row in rows], total, limit, offset)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One version's metrics, for charts across versions."""
+
+    number: int
+    metrics: dict[str, float]
+    yanked: bool
+
+
+def metric_series(session: Session, name: AdapterName, limit: int) -> list[MetricPoint]:
+    """The newest `limit` versions' numbers and metrics, oldest first, in one narrow query (no
+    configs, reports or files: a chart of hundreds of versions reads only what it draws)."""
+    adapter = get_adapter_row(session, name)
+    rows = session.execute(
+        sa.select(
+            col(AdapterVersion.number), col(AdapterVersion.metrics), col(AdapterVersion.yanked_at)
+        )
+        .where(col(AdapterVersion.adapter_id) == adapter.id)
+        .order_by(col(AdapterVersion.number).desc())
+        .limit(limit)
+    ).all()
+    return [
+        MetricPoint(number=number, metrics=dict(metrics or {}), yanked=yanked_at is not None)
+        for number, metrics, yanked_at in reversed(rows)
+    ]

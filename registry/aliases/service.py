@@ -213,6 +213,20 @@ def list_aliases(session: Session, name: AdapterName) -> list[AliasOut]:
     return [_alias_out(a, row, v) for row, a, v in session.exec(_aliases(adapter)).all()]
 
 
+def aliases_of(session: Session, names: list[str]) -> dict[str, list[AliasOut]]:
+    """The aliases set now of several adapters (`ns/name`), in one query: for pages that list
+    adapters with their aliases."""
+    pairs = [tuple(name.split("/", 1)) for name in names if "/" in name]
+    found: dict[str, list[AliasOut]] = {name: [] for name in names}
+    if not pairs:
+        return found
+    statement = _aliases().where(sa.tuple_(Adapter.namespace, Adapter.name).in_(pairs))
+    for row, adapter, version in session.exec(statement).all():
+        out = _alias_out(adapter, row, version)
+        found.setdefault(out.adapter, []).append(out)
+    return found
+
+
 def current_alias(session: Session, name: AdapterName, alias: str) -> AliasOut:
     adapter = get_adapter_row(session, name)
     found = session.exec(_aliases(adapter, alias)).first()
@@ -315,8 +329,10 @@ def audit(
     subject: str | None,
     limit: int,
     offset: int,
+    newest_first: bool = False,
 ) -> Page[AuditEventOut]:
-    """Audit events, oldest first, filtered; `subject` matches a prefix (`team/summarizer`)."""
+    """Audit events, oldest first (or newest first), filtered; `subject` matches a prefix
+    (`team/summarizer`)."""
     query: Any = select(AuditEvent)
     if since:
         query = query.where(col(AuditEvent.at) >= _naive_utc(session, since))
@@ -330,9 +346,9 @@ def audit(
         escaped = subject.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(col(AuditEvent.subject).like(f"{escaped}%", escape="\\"))
     total = count(session, query)
-    rows = session.exec(
-        query.order_by(col(AuditEvent.at), col(AuditEvent.id)).limit(limit).offset(offset)
-    ).all()
+    columns = [col(AuditEvent.at), col(AuditEvent.id)]
+    order = [column.desc() for column in columns] if newest_first else columns
+    rows = session.exec(query.order_by(*order).limit(limit).offset(offset)).all()
     items = [
         AuditEventOut(
             id=row.id or 0,

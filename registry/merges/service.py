@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
+from registry import metrics
 from registry.access import Caller, check_merge_target
 from registry.adapters import service as adapters
 from registry.adapters.repository import resolve
@@ -212,7 +213,9 @@ def request_merge(
     if not request.force:
         existing = _memoized(session, key)
         if existing is not None:
-            return job_out(existing, memoized=existing.status == "succeeded", created=False)
+            memoized = existing.status == "succeeded"
+            metrics.merge_requested(session, "hit" if memoized else "coalesced")
+            return job_out(existing, memoized=memoized, created=False)
 
     files = session.exec(select(VersionFile).where(VersionFile.version_id == version.id)).all()
     summary, header = adapters.read_adapter(
@@ -247,6 +250,7 @@ def request_merge(
         requested_by=actor,
     )
     session.add(job)
+    metrics.merge_requested(session, "miss")
     _record(
         session,
         job,
@@ -275,9 +279,18 @@ def _memoized(session: Session, key: str) -> MergeJob | None:
     return None
 
 
-def list_jobs(session: Session, *, status: str | None, limit: int, offset: int) -> Page[JobOut]:
-    """Jobs, newest first, optionally in one status."""
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None,
+    limit: int,
+    offset: int,
+    adapter_digest: str | None = None,
+) -> Page[JobOut]:
+    """Jobs, newest first, optionally in one status or of one adapter version (by digest)."""
     query: Any = select(MergeJob)
+    if adapter_digest:
+        query = query.where(MergeJob.adapter_digest == adapter_digest)
     if status:
         if status not in JOB_STATUSES:
             raise InvalidInput(f"job status {status!r}: use one of {', '.join(JOB_STATUSES)}")
@@ -549,6 +562,9 @@ def finish(
     job.status = request.status
     job.finished_at = now
     job.lease_expires_at = None
+    if job.started_at is not None:
+        took = (now - as_utc(job.started_at)).total_seconds()
+        metrics.merge_finished(session, request.status, took)
     session.add(job)
     finished: dict[str, type[JobEvent]] = {
         "succeeded": events.MergeSucceeded,
