@@ -19,13 +19,15 @@ from registry.core.names import AdapterName, Reference, check_part, parse_base, 
 from registry.core.schemas import IsoDatetime, parse_pairs
 from registry.deployments import service as deployments
 from registry.deps import ReadSessionDep, SettingsDep
+from registry.guards import ThreadedJSONRoute
 from registry.merges import service as merges
 from registry.tokens import service as tokens
 from registry.ui import views
 from registry.ui.render import fragment, page
 from registry.ui.urls import PREFIX, urls
 
-router = APIRouter(prefix=PREFIX, include_in_schema=False)
+# Pages run with their session's end in one worker thread, like the API's GET routes.
+router = APIRouter(prefix=PREFIX, include_in_schema=False, route_class=ThreadedJSONRoute)
 
 PAGE_SIZE = 50
 CHART_VERSIONS = 100  # versions drawn in a metric's chart (the newest)
