@@ -39,12 +39,12 @@ NAME = "team/cost"
 # Statements each read runs, besides BEGIN and COMMIT: what the services ask for today. A change
 # that adds a query to one of these routes must say so here.
 READS = {
-    "get version": (f"/api/v1/adapters/{NAME}/versions/1", 3),  # adapter, version, files
+    "get version": (f"/api/v1/adapters/{NAME}/versions/1", 2),  # version with its adapter, files
     "list versions by metric": (
         f"/api/v1/adapters/{NAME}/versions?sort=-metrics.rougeL",
-        3,  # adapter, count, page
+        1,  # the page, with the count of all versions
     ),
-    "resolve alias": (f"/api/v1/adapters/{NAME}/aliases/production", 2),  # adapter, alias
+    "resolve alias": (f"/api/v1/adapters/{NAME}/aliases/production", 1),
 }
 
 
@@ -172,6 +172,33 @@ def test_a_read_costs_one_transaction_on_one_pooled_connection(served: Served, r
         assert cost.checkouts == 1, cost
         assert cost.connects == 0, cost
         assert len(cost.statements) == statements, cost.statements
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code", "total"),
+    [
+        (f"/api/v1/adapters/{NAME}/versions?offset=5", 200, None, 1),  # past the end: total
+        (f"/api/v1/adapters/{NAME}/versions?sort=-metrics.absent", 200, None, 1),
+        ("/api/v1/adapters/team/absent/versions", 404, "adapter_not_found", None),
+        ("/api/v1/adapters/team/absent/versions/1", 404, "adapter_not_found", None),
+        (f"/api/v1/adapters/{NAME}/versions/9", 404, "version_not_found", None),
+        (f"/api/v1/adapters/{NAME}/versions/staging", 404, "alias_not_found", None),
+        (f"/api/v1/adapters/{NAME}/aliases/staging", 404, "alias_not_found", None),
+        ("/api/v1/adapters/team/absent/aliases/production", 404, "adapter_not_found", None),
+        ("/api/v1/adapters/team/absent/aliases", 404, "adapter_not_found", None),
+    ],
+)
+def test_reads_that_find_nothing_still_say_why(
+    served: Served, path: str, status: int, code: str | None, total: int | None
+) -> None:
+    """The one-query reads fall back to the queries that tell an empty page from a missing
+    adapter, version or alias."""
+    answer = served.http.get(path, headers=bearer(served.admin))
+    assert answer.status_code == status, answer.text
+    if code is not None:
+        assert answer.json()["code"] == code
+    if total is not None:
+        assert answer.json()["total"] == total
 
 
 def test_a_token_is_looked_up_once_then_trusted_for_a_second(served: Served) -> None:

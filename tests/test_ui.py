@@ -35,6 +35,7 @@ from registry.core.schemas import AliasMoveOut, VersionOut
 from registry.settings import Settings
 from registry.ui import views
 from registry.ui.api import ASSETS
+from registry.ui.pages import TIMELINE_SPANS
 from registry.ui.urls import urls
 from tests.conftest import BACKENDS, RunningServer, own_server, unique, unique_name
 
@@ -404,6 +405,29 @@ def test_the_adapter_page_shows_metrics_chart_aliases_and_timeline(
     assert re.findall(r">v(\d)</a>", staging.group(0)) == ["2", "1"]
     canary = re.search(r'data-alias="canary".*?</table>', page.text, re.S)
     assert canary is not None and "removed" in canary.group(0)
+
+
+def test_the_timeline_shows_an_aliases_newest_moves_and_links_the_audit_log_for_the_rest(
+    seeded: Seeded, browse: Browser
+) -> None:
+    adapter = urls.adapter(seeded.name)
+    for move in range(TIMELINE_SPANS + 2):  # v2, v3, v2, ... (v1 is yanked)
+        moved = browse.post(adapter + "/aliases", alias="nightly", version=str(2 + move % 2))
+        assert moved.status_code == 303, moved.text
+    try:
+        page = browse.get(adapter).text
+        nightly = re.search(r'data-alias="nightly".*?</table>(.*?)(?:<h3|</section>)', page, re.S)
+        assert nightly is not None
+        assert nightly.group(0).count("<tr>") == 1 + TIMELINE_SPANS  # the header, the newest
+        audit = urls.audit(subject=f"{seeded.name}@nightly")
+        assert f'href="{html.escape(audit)}"' in nightly.group(1)
+        logged = parts(browse.get(audit)).text
+        assert logged.count("alias.set") == TIMELINE_SPANS + 2
+        # Fewer moves than that: all of them, and no link.
+        staging = re.search(r'data-alias="staging".*?</table>(.*?)(?:<h3|</section>)', page, re.S)
+        assert staging is not None and "audit" not in staging.group(1)
+    finally:
+        browse.post(urls.alias_delete(seeded.name, "nightly"))
 
 
 def test_the_version_page_shows_config_lineage_compatibility_and_pull(

@@ -175,7 +175,7 @@ def commit_version(
         _save_report(session, caller, name, version, report)
     if request.alias:
         aliases.set_alias(session, adapter, version, request.alias, caller.name)
-    return version_out(session, name, version, with_files=True, created=created)
+    return version_out(session, name, version, created=created)
 
 
 def _version_with_digest(session: Session, name: AdapterName, digest: str) -> AdapterVersion | None:
@@ -476,7 +476,7 @@ def yank_version(session: Session, caller: Caller, ref: Reference, reason: str) 
             events.VersionYanked(subject=label, digest=version.digest, reason=reason),
         )
         session.flush()
-    return version_out(session, ref.name, version, with_files=True)
+    return version_out(session, ref.name, version)
 
 
 # --- reads -------------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def get_version(session: Session, ref: Reference) -> VersionOut:
     """The version a reference points at, with its files; `latest` notes the newer yanked
     versions it skipped."""
     version = resolve(session, ref)
-    out = version_out(session, ref.name, version, with_files=True)
+    out = version_out(session, ref.name, version)
     if ref.selector.kind == "latest":
         skipped = yanked_after(session, version.adapter_id, version.number)
         if skipped:
@@ -498,34 +498,57 @@ def get_version(session: Session, ref: Reference) -> VersionOut:
     return out
 
 
+# Built once (see registry.adapters.repository): a version's files, for every single-version read.
+_FILES_OF_VERSION = (
+    sa.select(col(VersionFile.path), col(VersionFile.size), col(VersionFile.sha256))
+    .where(col(VersionFile.version_id) == sa.bindparam("version_id"))
+    .order_by(col(VersionFile.path))
+)
+
+
 def version_out(
     session: Session,
     name: AdapterName,
     version: AdapterVersion,
     *,
-    with_files: bool = False,
     created: bool | None = None,
 ) -> VersionOut:
-    files = None
-    if with_files:
-        rows = session.exec(
-            select(VersionFile)
-            .where(VersionFile.version_id == version.id)
-            .order_by(col(VersionFile.path))
-        ).all()
-        files = [
-            VersionFileOut(path=f.path, size=f.size, sha256=f.sha256, url=blob_url(f.sha256))
-            for f in rows
-        ]
-    fields = version.model_dump()
-    if not with_files:
-        fields["compat_report"] = None  # listings stay small; single reads carry the report
+    """One version as single reads show it: with its files and its compatibility report."""
+    rows = session.execute(_FILES_OF_VERSION, {"version_id": version.id}).all()
+    files = [
+        VersionFileOut(path=path, size=size, sha256=sha256, url=blob_url(sha256))
+        for path, size, sha256 in rows
+    ]
+    return _out(name, version.model_dump(), files=files, created=created)
+
+
+# What listings show of a version: every column but the compatibility report, which single reads
+# carry (decoding fifty reports would cost a page more than all the rest it does).
+_LISTED = [
+    column
+    for column in AdapterVersion.__table__.columns  # type: ignore[attr-defined]
+    if column.name != "compat_report"
+]
+
+
+def _listed_out(name: AdapterName, row: Any) -> VersionOut:
+    """A version as listings show it, from a row of the `_LISTED` columns."""
+    return _out(name, dict(row._mapping), files=None, created=None)
+
+
+def _out(
+    name: AdapterName,
+    fields: dict[str, Any],
+    files: list[VersionFileOut] | None,
+    created: bool | None,
+) -> VersionOut:
+    yanked_at = fields.get("yanked_at")
     return VersionOut.model_validate(
         {
             **fields,
             "adapter": str(name),
-            "created_at": as_utc(version.created_at),
-            "yanked_at": as_utc(version.yanked_at) if version.yanked_at else None,
+            "created_at": as_utc(fields["created_at"]),
+            "yanked_at": as_utc(yanked_at) if yanked_at else None,
             "files": files,
             "created": created,
         }
@@ -626,8 +649,8 @@ def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
     }
     latest = {
         version.adapter_id: version
-        for version in session.exec(
-            select(AdapterVersion).where(
+        for version in session.execute(
+            sa.select(*_LISTED).where(
                 sa.tuple_(AdapterVersion.adapter_id, AdapterVersion.number).in_(
                     [
                         (adapter_id, number)
@@ -649,7 +672,7 @@ def adapter_outs(session: Session, adapters: list[Adapter]) -> list[AdapterOut]:
                 namespace=adapter.namespace,
                 created_at=as_utc(adapter.created_at),
                 version_count=stats.get(adapter.id, (0, None))[0],
-                latest=version_out(session, name, newest) if newest else None,
+                latest=_listed_out(name, newest) if newest else None,
             )
         )
     return items
@@ -659,37 +682,74 @@ def get_adapter(session: Session, name: AdapterName) -> AdapterOut:
     return adapter_outs(session, [get_adapter_row(session, name)])[0]
 
 
-def list_versions(
-    session: Session, name: AdapterName, *, sort: str, limit: int, offset: int
-) -> Page[VersionOut]:
-    """Versions of one adapter, sorted by `number`, `created` or `metrics.<name>` (prefix `-` for
-    descending); versions without the metric come last either way."""
-    adapter = get_adapter_row(session, name)
-    descending = sort.startswith("-")
-    key = sort.lstrip("-+")
-    query: Any = select(AdapterVersion).where(col(AdapterVersion.adapter_id) == adapter.id)
-    if key in ("number", "created"):
-        column = col(AdapterVersion.number) if key == "number" else col(AdapterVersion.created_at)
-        order = [column.desc() if descending else column.asc()]
-    elif key.startswith("metrics.") and len(key) > len("metrics."):
+def _versions_sorted(key: str, descending: bool) -> Any:
+    """One page of an adapter's versions (by `namespace`, `name`), with the count of all of them
+    (a window over the rows before LIMIT: one query, not two), sorted by `key`: `number`,
+    `created` or `metric` (the metric named by the `metric` parameter)."""
+    total = sa.func.count().over().label("total")
+    query: Any = sa.select(*_LISTED, total).join(
+        Adapter,
+        sa.and_(
+            col(Adapter.id) == AdapterVersion.adapter_id,
+            col(Adapter.namespace) == sa.bindparam("namespace"),
+            col(Adapter.name) == sa.bindparam("name"),
+        ),
+    )
+    if key == "metric":
         metric = VersionMetric.__table__.alias("sort_metric")  # type: ignore[attr-defined]
         query = query.outerjoin(
             metric,
             sa.and_(
                 metric.c.version_id == col(AdapterVersion.id),
-                metric.c.name == key[len("metrics.") :],
+                metric.c.name == sa.bindparam("metric"),
             ),
         )
         value = metric.c.value.desc() if descending else metric.c.value.asc()
         order = [value.nulls_last(), col(AdapterVersion.number).desc()]
     else:
+        column = col(AdapterVersion.number) if key == "number" else col(AdapterVersion.created_at)
+        order = [column.desc() if descending else column.asc()]
+    return query.order_by(*order).limit(sa.bindparam("limit")).offset(sa.bindparam("offset"))
+
+
+# Built once per sort (see registry.adapters.repository).
+_VERSIONS_SORTED = {
+    (key, descending): _versions_sorted(key, descending)
+    for key in ("number", "created", "metric")
+    for descending in (False, True)
+}
+
+
+def list_versions(
+    session: Session, name: AdapterName, *, sort: str, limit: int, offset: int
+) -> Page[VersionOut]:
+    """Versions of one adapter, sorted by `number`, `created` or `metrics.<name>` (prefix `-` for
+    descending); versions without the metric come last either way."""
+    descending = sort.startswith("-")
+    key = sort.lstrip("-+")
+    metric = None
+    if key.startswith("metrics.") and len(key) > len("metrics."):
+        key, metric = "metric", key[len("metrics.") :]
+    elif key not in ("number", "created"):
         raise InvalidInput(
             f"cannot sort by {sort!r}: use number, created or metrics.<name>, with '-' for "
             "descending (e.g. -metrics.rougeL)"
         )
-    total = count(session, query)
-    rows = session.exec(query.order_by(*order).limit(limit).offset(offset)).all()
-    return make_page([version_out(session, name, row) for row in rows], total, limit, offset)
+    params = {
+        "namespace": name.namespace,
+        "name": name.name,
+        "metric": metric,
+        "limit": limit,
+        "offset": offset,
+    }
+    rows = session.execute(_VERSIONS_SORTED[key, descending], params).all()
+    if rows:
+        total = rows[0].total
+    else:  # no rows to count with: no such adapter (404), no versions, or a page past the end
+        adapter = get_adapter_row(session, name)
+        versions = select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id)
+        total = count(session, versions)
+    return make_page([_listed_out(name, row) for row in rows], total, limit, offset)
 
 
 @dataclass(frozen=True)

@@ -194,23 +194,52 @@ def _alias_out(adapter: Adapter, row: Alias, version: AdapterVersion) -> AliasOu
     )
 
 
-def _aliases(adapter: Adapter | None = None, alias: str | None = None) -> Any:
-    """Aliases set now (with their adapter and version), in a stable order."""
+def _aliases(alias: str | None = None) -> Any:
+    """Aliases set now, with only what `AliasOut` shows of their adapter and version (no
+    configs or reports to load), in a stable order."""
     statement: Any = (
-        select(Alias, Adapter, AdapterVersion)
+        sa.select(
+            col(Adapter.namespace),
+            col(Adapter.name).label("adapter_name"),
+            col(Alias.name),
+            col(Alias.updated_at),
+            col(Alias.updated_by),
+            col(AdapterVersion.number),
+            col(AdapterVersion.digest),
+        )
         .join(Adapter, col(Adapter.id) == Alias.adapter_id)
         .join(AdapterVersion, col(AdapterVersion.id) == Alias.version_id)
     )
-    if adapter is not None:
-        statement = statement.where(Alias.adapter_id == adapter.id)
     if alias is not None:
         statement = statement.where(Alias.name == check_alias(alias))
     return statement.order_by(col(Adapter.namespace), col(Adapter.name), col(Alias.name))
 
 
+def _row_out(row: Any) -> AliasOut:
+    return AliasOut(
+        adapter=f"{row.namespace}/{row.adapter_name}",
+        alias=row.name,
+        version=row.number,
+        digest=row.digest,
+        since=as_utc(row.updated_at),
+        by=row.updated_by,
+    )
+
+
+# Built once (see registry.adapters.repository): every alias of one adapter, and one alias.
+_OF_ADAPTER = _aliases().where(
+    col(Adapter.namespace) == sa.bindparam("namespace"),
+    col(Adapter.name) == sa.bindparam("adapter"),
+)
+_ONE_ALIAS = _OF_ADAPTER.where(col(Alias.name) == sa.bindparam("alias"))
+
+
 def list_aliases(session: Session, name: AdapterName) -> list[AliasOut]:
-    adapter = get_adapter_row(session, name)
-    return [_alias_out(a, row, v) for row, a, v in session.exec(_aliases(adapter)).all()]
+    params = {"namespace": name.namespace, "adapter": name.name}
+    rows = session.execute(_OF_ADAPTER, params).all()
+    if not rows:
+        get_adapter_row(session, name)  # AdapterNotFound, or an adapter without aliases
+    return [_row_out(row) for row in rows]
 
 
 def aliases_of(session: Session, names: list[str]) -> dict[str, list[AliasOut]]:
@@ -221,26 +250,27 @@ def aliases_of(session: Session, names: list[str]) -> dict[str, list[AliasOut]]:
     if not pairs:
         return found
     statement = _aliases().where(sa.tuple_(Adapter.namespace, Adapter.name).in_(pairs))
-    for row, adapter, version in session.exec(statement).all():
-        out = _alias_out(adapter, row, version)
+    for row in session.execute(statement).all():
+        out = _row_out(row)
         found.setdefault(out.adapter, []).append(out)
     return found
 
 
 def current_alias(session: Session, name: AdapterName, alias: str) -> AliasOut:
-    adapter = get_adapter_row(session, name)
-    found = session.exec(_aliases(adapter, alias)).first()
-    if found is None:
+    params = {"namespace": name.namespace, "adapter": name.name, "alias": alias}
+    row = session.execute(_ONE_ALIAS, params).first()
+    if row is None:
+        adapter = get_adapter_row(session, name)  # AdapterNotFound
+        check_alias(alias)  # a malformed name is a 422, as before
         raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
-    row, owner, version = found
-    return _alias_out(owner, row, version)
+    return _row_out(row)
 
 
 def who_runs(session: Session, alias: str, limit: int, offset: int) -> Page[AliasOut]:
     """Every adapter whose `alias` is set now, a page at a time."""
     statement = _aliases(alias=alias)
-    rows = session.exec(statement.limit(limit).offset(offset)).all()
-    items = [_alias_out(a, row, v) for row, a, v in rows]
+    rows = session.execute(statement.limit(limit).offset(offset)).all()
+    items = [_row_out(row) for row in rows]
     return make_page(items, count(session, statement), limit, offset)
 
 
@@ -249,12 +279,20 @@ def history(
 ) -> Page[AliasMoveOut]:
     """Every move of the adapter's aliases (or of one), newest first."""
     adapter = get_adapter_row(session, name)
-    query: Any = select(AliasMove).where(AliasMove.adapter_id == adapter.id)
+    condition = col(AliasMove.adapter_id) == adapter.id
     if alias:
-        query = query.where(AliasMove.name == check_alias(alias))
-    total = count(session, query)
-    rows = session.exec(
-        query.order_by(col(AliasMove.at).desc(), col(AliasMove.id).desc())
+        condition = sa.and_(condition, col(AliasMove.name) == check_alias(alias))
+    total = session.execute(sa.select(sa.func.count()).where(condition)).scalar_one()
+    rows = session.execute(  # only the columns shown: the adapter's pages list hundreds of moves
+        sa.select(
+            col(AliasMove.name),
+            col(AliasMove.previous_number),
+            col(AliasMove.version_number),
+            col(AliasMove.at),
+            col(AliasMove.actor),
+        )
+        .where(condition)
+        .order_by(col(AliasMove.at).desc(), col(AliasMove.id).desc())
         .limit(limit)
         .offset(offset)
     ).all()

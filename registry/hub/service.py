@@ -117,7 +117,7 @@ def _adapter(session: Session, adapter: Adapter, revision: str) -> Snapshot:
             f"lora-reg pull {label} --allow-yanked",
             version=version.number,
         )
-    out = version_out(session, name, version, with_files=True)
+    out = version_out(session, name, version)
     tags = ["peft", "lora", "lora-registry"]
     card: dict[str, Any] = {"library_name": "peft", "tags": tags}
     if version.base_model_id:

@@ -31,6 +31,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False, route_class=ThreadedJ
 
 PAGE_SIZE = 50
 CHART_VERSIONS = 100  # versions drawn in a metric's chart (the newest)
+TIMELINE_SPANS = 20  # an alias's newest moves on its adapter's page; the audit log has them all
 Offset = Annotated[int, Query(ge=0, le=2**62)]
 Text = Annotated[str | None, Query(max_length=200)]
 
@@ -119,6 +120,7 @@ def adapter_page(
         charts=charts,
         aliases=aliases.list_aliases(session, adapter_name),
         timelines=views.timelines(moves),
+        timeline_spans=TIMELINE_SPANS,
         numbers=[point.number for point in reversed(recent) if not point.yanked],
     )
 
