@@ -29,8 +29,10 @@ half-written is ever visible; the first of these the file systems allow:
 
 Several processes may share one cache: blobs and stamps are written under temporary names and
 renamed, a stamp only ever describes a file whose bytes were hashed, and a stamp another process
-made stale costs a re-hash, never a wrong byte. Imports only the standard library and `cli`'s
-progress protocol and `registry.core`.
+made stale costs a re-hash, never a wrong byte. To keep stamps from going stale, a download that
+finishes after another process's keeps the blob already verified, and a blob sealed before is
+stamped as it is when it is hashed again (sealing it anew would move its mtime). Imports only
+the standard library and `cli`'s progress protocol and `registry.core`.
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ class BlobCache:
     def fill(self, sha256: str, size: int, label: str) -> Iterator[BlobWriter]:
         """A writer for blob `sha256`'s bytes. On a clean exit they must be `size` bytes hashing
         to `sha256` (else `ChecksumMismatch`, naming `label`, and nothing is kept); then the blob
-        is sealed, renamed into place (replacing a damaged one) and stamped: `writer.stamp`."""
+        is sealed, renamed into place (replacing a damaged one) and stamped: `writer.stamp`. A
+        verified blob another process put there meanwhile is kept instead, with its stamp."""
         blob = self.blob(sha256)
         blob.parent.mkdir(parents=True, exist_ok=True)
         partial = _partial(blob)
@@ -181,6 +184,10 @@ class BlobCache:
                     )
                 handle.flush()  # before sealing: a later write would move the mtime again
                 stamp = _seal(handle.fileno())
+            kept = self._verified(sha256)
+            if kept is not None:  # another process filled it meanwhile: keep theirs, whose stamp
+                writer.stamp = kept  # its other readers hold, and drop these same bytes
+                return
             os.replace(partial, blob)
             self._write_stamp(sha256, stamp)
             writer.stamp = stamp
@@ -205,16 +212,32 @@ class BlobCache:
             before = Stamp.of(os.fstat(handle.fileno()))
             if not stat.S_ISREG(before.mode) or before.size != size:
                 return None
+            started = time.time_ns()
             hashed = hash_stream(handle, advance)
             try:
                 if hashed == (size, sha256) and Stamp.of(os.fstat(handle.fileno())) == before:
-                    stamp = _seal(handle.fileno())
+                    # Sealed already (by whoever verified it before): sealing it again would move
+                    # its mtime and make every other process's stamp of it stale.
+                    sealed = _sealed(before, started)
+                    stamp = before if sealed else _seal(handle.fileno())
                     self._write_stamp(sha256, stamp)
                     return stamp
             except OSError:  # another user's file we may not chmod: fetch our own
                 pass
         progress.advance(-read)
         return None
+
+    def _verified(self, sha256: str) -> Stamp | None:
+        """The stamp of the cached blob when it is still the file its stamp describes."""
+        stamp = self._read_stamp(sha256)
+        try:
+            return (
+                stamp
+                if stamp is not None and Stamp.of(os.lstat(self.blob(sha256))) == stamp
+                else None
+            )
+        except OSError:
+            return None
 
     def _read_stamp(self, sha256: str) -> Stamp | None:
         try:
@@ -255,6 +278,12 @@ def _seal(fd: int) -> Stamp:
     os.utime(fd, ns=(now, now - SECOND_NS))
     os.fsync(fd)
     return Stamp.of(os.fstat(fd))
+
+
+def _sealed(status: Stamp, started_ns: int) -> bool:
+    """Whether a file is read-only with an mtime at least a second before `started_ns`: then any
+    write from that moment on moves its mtime, as `_seal` ensures."""
+    return stat.S_IMODE(status.mode) == READ_ONLY and status.mtime_ns <= started_ns - SECOND_NS
 
 
 def _clone(source: int, partial: Path) -> bool:

@@ -105,6 +105,7 @@ from registry.core.schemas import (
 
 CHUNK = 1024 * 1024
 RETRIES = 4
+PLACE_ATTEMPTS = 3  # downloads of one blob when other processes keep replacing it in the cache
 T = TypeVar("T")
 
 
@@ -1032,17 +1033,22 @@ class Registry:
         cache = self.blob_cache
         if cache.place(file.sha256, file.size, destination, progress):
             return False
-        # Absent or damaged: the download replaces the cache entry atomically.
-        stamp = _retry(lambda: self._download(file, cache, progress), f"download of {file.path}")
-        if not (
-            cache.put(file.sha256, stamp, destination)
-            or cache.place(file.sha256, file.size, destination, NoProgress())
-        ):
-            raise Unavailable(
-                f"{file.path}: its blob in {cache.root} was replaced while it was being placed "
-                "(another process writing to the cache?); pull again"
+        # Absent or damaged: the download replaces the cache entry atomically. Another process
+        # sharing the cache may replace it again before it is placed here: download again then.
+        for attempt in range(PLACE_ATTEMPTS):
+            if attempt:
+                progress.advance(-file.size)  # counted again by the next download
+            stamp = _retry(
+                lambda: self._download(file, cache, progress), f"download of {file.path}"
             )
-        return True
+            if cache.put(file.sha256, stamp, destination) or cache.place(
+                file.sha256, file.size, destination, NoProgress()
+            ):
+                return True
+        raise Unavailable(
+            f"{file.path}: its blob in {cache.root} was replaced while it was being placed, "
+            f"{PLACE_ATTEMPTS} times (another process writing to the cache?); pull again"
+        )
 
     def _download(self, file: VersionFileOut, cache: BlobCache, progress: Progress) -> Stamp:
         """Fetch one blob into the cache, hashing it on the way; the stamp of the verified blob."""

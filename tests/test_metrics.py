@@ -126,7 +126,9 @@ def test_paths_that_match_no_route_share_one_label(
     paths += [f"/{unique('elsewhere')}/{unique()}" for _ in range(10)]
     for path in paths:
         assert httpx.get(server.url + path).status_code == 404
-    assert httpx.request("BREW", f"{server.url}/api/v1/adapters").status_code == 405
+    # A method outside the HTTP set that the server's parser still accepts (httptools answers a
+    # made-up one such as BREW with 400 before the app sees it; h11 passed it through).
+    assert httpx.request("PURGE", f"{server.url}/api/v1/adapters").status_code == 405
     after = scrape(server.url)
 
     assert moved(before, after, REQUESTS, route="unmatched", status="404") == 20
@@ -134,7 +136,7 @@ def test_paths_that_match_no_route_share_one_label(
     assert not any(path in routes for path in paths)
     assert all(r == "unmatched" or r.startswith("/") for r in routes)
     assert moved(before, after, REQUESTS, method="other", route="/api/v1/adapters") == 1
-    assert "BREW" not in after.label_values(REQUESTS, "method")
+    assert "PURGE" not in after.label_values(REQUESTS, "method")
 
 
 # --- bytes, blob hits and events ------------------------------------------------------------------

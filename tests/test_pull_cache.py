@@ -8,6 +8,8 @@ thread included), against a file of several MiB that a re-hash would read whole.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.cache import BlobCache, Stamp
 from cli.client import PARTIAL_SUFFIX, Registry
+from cli.progress import NoProgress
 from registry.core.schemas import VersionFileOut
 from tests.conftest import RunningServer, copy_adapter, unique_name
 from tests.support.files import tree_digest
@@ -258,3 +262,50 @@ def test_processes_sharing_a_cache_pull_cold_and_warm_at_once(
             for out in outs:
                 assert tree_digest(out) == tree_digest(folder)
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+# --- several processes on one cache: what keeps their stamps valid -------------------------------
+
+
+def _filled(cache: BlobCache, data: bytes) -> tuple[str, Stamp]:
+    """Download `data` into `cache` as a pull does; the blob's digest and stamp."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    with cache.fill(sha256, len(data), "blob") as writer:
+        writer.write(data)
+    assert writer.stamp is not None
+    return sha256, writer.stamp
+
+
+def test_hashing_a_blob_sealed_before_leaves_it_as_it_was(tmp_path: Path) -> None:
+    """A process without a valid stamp hashes the blob: it must not seal it again, which would
+    move its mtime and make every other process's stamp of it stale."""
+    cache = BlobCache(tmp_path / "cache")
+    data = os.urandom(4096)
+    sha256, stamp = _filled(cache, data)
+    cache.stamp_path(sha256).unlink()
+    assert cache.place(sha256, len(data), tmp_path / "out", NoProgress())
+    assert Stamp.of(os.lstat(cache.blob(sha256))) == stamp
+    assert json.loads(cache.stamp_path(sha256).read_text())["mtime_ns"] == stamp.mtime_ns
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_download_that_finishes_second_keeps_the_blob_already_verified(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache")
+    data = os.urandom(4096)
+    sha256, first = _filled(cache, data)
+    _, second = _filled(cache, data)  # another process's download of the same blob
+    assert second == first
+    assert Stamp.of(os.lstat(cache.blob(sha256))) == first
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+def test_a_download_still_replaces_a_damaged_blob(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache")
+    data = os.urandom(4096)
+    sha256, first = _filled(cache, data)
+    damaged = cache.blob(sha256)
+    damaged.chmod(0o644)
+    damaged.write_bytes(b"x" * len(data))
+    _, second = _filled(cache, data)
+    assert second != first
+    assert damaged.read_bytes() == data
