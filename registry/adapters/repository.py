@@ -17,9 +17,15 @@ from registry.core.names import AdapterName, Reference
 from registry.models import Adapter, AdapterVersion, Alias
 from registry.repository import for_update, insert_ignore
 
-_ADAPTER_BY_NAME = select(Adapter).where(
+# Statements the reads run on every GET are built once, with bind parameters: building a select
+# costs the server more CPU than PostgreSQL spends running it. The adapter is named by the
+# parameters `namespace` and `name` (`NAMED`).
+NAMED = sa.and_(
     col(Adapter.namespace) == sa.bindparam("namespace"), col(Adapter.name) == sa.bindparam("name")
 )
+# Joins the named adapter to its versions: `select(...).join(Adapter, VERSIONS_OF_NAMED)`.
+VERSIONS_OF_NAMED = sa.and_(col(Adapter.id) == AdapterVersion.adapter_id, NAMED)
+_ADAPTER_BY_NAME = select(Adapter).where(NAMED)
 
 
 def get_adapter_row(session: Session, name: AdapterName) -> Adapter:
@@ -54,29 +60,15 @@ def lock_or_create_adapter(session: Session, name: AdapterName) -> Adapter:
     return adapter
 
 
-# The statements a read runs on every GET, built once with bind parameters: building a select
-# costs the server more CPU than PostgreSQL spends running it.
-_BY_NAME = sa.and_(
-    col(Adapter.id) == AdapterVersion.adapter_id,
-    col(Adapter.namespace) == sa.bindparam("namespace"),
-    col(Adapter.name) == sa.bindparam("name"),
-)
+_VERSIONS = select(AdapterVersion).join(Adapter, VERSIONS_OF_NAMED)
 _VERSION_BY: dict[str, Any] = {
     # the newest version that is not yanked, as pip does
-    "latest": select(AdapterVersion)
-    .join(Adapter, _BY_NAME)
-    .where(col(AdapterVersion.yanked_at).is_(None))
+    "latest": _VERSIONS.where(col(AdapterVersion.yanked_at).is_(None))
     .order_by(col(AdapterVersion.number).desc())
     .limit(1),
-    "number": select(AdapterVersion)
-    .join(Adapter, _BY_NAME)
-    .where(col(AdapterVersion.number) == sa.bindparam("value")),
-    "digest": select(AdapterVersion)
-    .join(Adapter, _BY_NAME)
-    .where(col(AdapterVersion.digest) == sa.bindparam("value")),
-    "alias": select(AdapterVersion)
-    .join(Adapter, _BY_NAME)
-    .join(
+    "number": _VERSIONS.where(col(AdapterVersion.number) == sa.bindparam("value")),
+    "digest": _VERSIONS.where(col(AdapterVersion.digest) == sa.bindparam("value")),
+    "alias": _VERSIONS.join(
         Alias,
         sa.and_(
             col(Alias.version_id) == AdapterVersion.id,

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from registry.access import Caller, check_alias_move
 from registry.adapters.repository import (
+    VERSIONS_OF_NAMED,
     get_adapter_row,
     lock_adapter,
     lock_or_create_adapter,
@@ -687,14 +688,7 @@ def _versions_sorted(key: str, descending: bool) -> Any:
     (a window over the rows before LIMIT: one query, not two), sorted by `key`: `number`,
     `created` or `metric` (the metric named by the `metric` parameter)."""
     total = sa.func.count().over().label("total")
-    query: Any = sa.select(*_LISTED, total).join(
-        Adapter,
-        sa.and_(
-            col(Adapter.id) == AdapterVersion.adapter_id,
-            col(Adapter.namespace) == sa.bindparam("namespace"),
-            col(Adapter.name) == sa.bindparam("name"),
-        ),
-    )
+    query: Any = sa.select(*_LISTED, total).join(Adapter, VERSIONS_OF_NAMED)
     if key == "metric":
         metric = VersionMetric.__table__.alias("sort_metric")  # type: ignore[attr-defined]
         query = query.outerjoin(

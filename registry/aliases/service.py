@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from registry.access import Caller, check_alias_move
-from registry.adapters.repository import get_adapter_row, lock_adapter, resolve
+from registry.adapters.repository import NAMED, get_adapter_row, lock_adapter, resolve
 from registry.core import events
 from registry.core.errors import (
     AliasNotFound,
@@ -227,15 +227,12 @@ def _row_out(row: Any) -> AliasOut:
 
 
 # Built once (see registry.adapters.repository): every alias of one adapter, and one alias.
-_OF_ADAPTER = _aliases().where(
-    col(Adapter.namespace) == sa.bindparam("namespace"),
-    col(Adapter.name) == sa.bindparam("adapter"),
-)
+_OF_ADAPTER = _aliases().where(NAMED)
 _ONE_ALIAS = _OF_ADAPTER.where(col(Alias.name) == sa.bindparam("alias"))
 
 
 def list_aliases(session: Session, name: AdapterName) -> list[AliasOut]:
-    params = {"namespace": name.namespace, "adapter": name.name}
+    params = {"namespace": name.namespace, "name": name.name}
     rows = session.execute(_OF_ADAPTER, params).all()
     if not rows:
         get_adapter_row(session, name)  # AdapterNotFound, or an adapter without aliases
@@ -257,7 +254,7 @@ def aliases_of(session: Session, names: list[str]) -> dict[str, list[AliasOut]]:
 
 
 def current_alias(session: Session, name: AdapterName, alias: str) -> AliasOut:
-    params = {"namespace": name.namespace, "adapter": name.name, "alias": alias}
+    params = {"namespace": name.namespace, "name": name.name, "alias": alias}
     row = session.execute(_ONE_ALIAS, params).first()
     if row is None:
         adapter = get_adapter_row(session, name)  # AdapterNotFound
