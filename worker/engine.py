@@ -920,19 +920,19 @@ class _Pipeline:
         dev = self.device
         span = (first, first + weight.shape[0])
         if lora.magnitude and lora.kind != "linear":  # moves whole (see _merged_pieces)
-            a = self.weights.get_tensor(lora.a).to(dev, torch.float32)
-            b = self.weights.get_tensor(lora.b).to(dev, torch.float32)
+            a = _float32_on(self.weights.get_tensor(lora.a), dev)
+            b = _float32_on(self.weights.get_tensor(lora.b), dev)
             target.copy_(self._dora_transposed(weight, a, b, lora.scale, lora.magnitude, lora.kind))
             return
         if lora.kind == "linear":  # this piece's rows of B·A: its rows of B
-            a = self.weights.get_tensor(lora.a).to(dev, torch.float32)
-            b = self.weights.get_tensor(lora.b, rows=span).to(dev, torch.float32)
+            a = _float32_on(self.weights.get_tensor(lora.a), dev)
+            b = _float32_on(self.weights.get_tensor(lora.b, rows=span), dev)
         else:  # conv1d and embedding: the weight's rows are columns of B·A, so columns of A
-            a = self.weights.get_tensor(lora.a)[:, span[0] : span[1]].to(dev, torch.float32)
-            b = self.weights.get_tensor(lora.b).to(dev, torch.float32)
+            a = _float32_on(self.weights.get_tensor(lora.a)[:, span[0] : span[1]], dev)
+            b = _float32_on(self.weights.get_tensor(lora.b), dev)
         magnitude = None
         if lora.magnitude:
-            magnitude = self.weights.get_tensor(lora.magnitude, rows=span).to(dev, torch.float32)
+            magnitude = _float32_on(self.weights.get_tensor(lora.magnitude, rows=span), dev)
         # A power-of-two scale is exact whichever factor it multiplies: fold it into B (small)
         # instead of a pass over every block. Otherwise scale each block as PEFT does.
         folded = lora.kind != "embedding" and math.frexp(lora.scale)[0] == 0.5
@@ -949,6 +949,8 @@ class _Pipeline:
             and weight.is_contiguous()
             and target.is_contiguous()
         )
+        if weight.device != dev:  # a GPU merge: the piece moves once, in its own dtype
+            weight = weight.to(dev)
         rows, width = weight.shape[0], weight.shape[1]
         blocks = _row_blocks(rows, width)
         tallest = max((stop - start for start, stop in blocks), default=0)
@@ -976,7 +978,7 @@ class _Pipeline:
                     raise _non_finite(plan.key)
                 continue
             base = base_space[:count].view(stop - start, width)
-            base.copy_(weight[start:stop])  # upcast (on the device, when there is one)
+            base.copy_(weight[start:stop])  # upcast, on the device the merge runs on
             merged = delta.add_(base)  # ΔW + W: the same float32 sum as PEFT's W + ΔW
             if magnitude is not None:  # DoRA: rows rescaled to the trained magnitude
                 norm = torch.linalg.norm(merged, dim=1)
@@ -1012,13 +1014,22 @@ class _Pipeline:
         """DoRA on a Conv1D or embedding weight: norms run over the stored rows (PEFT's
         fan_in_fan_out path), so the whole tensor is computed at once, in PEFT's order."""
         dev = self.device
-        magnitude = self.weights.get_tensor(magnitude_key).to(dev, torch.float32)
+        magnitude = _float32_on(self.weights.get_tensor(magnitude_key), dev)
         w = weight.to(dev)
         delta = (b @ a).T * scale
         norm = torch.linalg.norm(w.T + delta.T, dim=1)
         factor = (magnitude / norm).view(-1, 1).T
         result: torch.Tensor = (factor * (w + delta)).to("cpu")
         return result
+
+
+def _float32_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` as float32 on `device`: moved in its stored dtype, then upcast there.
+
+    A host-to-GPU `.to(device, torch.float32)` (or `copy_` into a float32 GPU tensor) converts on
+    the host before the transfer: a multithreaded CPU pass, and twice a 16-bit tensor's bytes over
+    the bus. The upcast is exact either way, so the result is the same bit for bit."""
+    return tensor.to(device).to(torch.float32)
 
 
 def _row_blocks(rows: int, width: int) -> list[tuple[int, int]]:
