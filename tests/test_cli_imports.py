@@ -42,8 +42,15 @@ SERVER_AND_WORKER = (
 )
 # What `ls`, `show`, `versions` and `resolve` also do without: they print the server's JSON
 # as it came, so neither the `Registry` client, nor its pydantic models, nor the compatibility
-# checker are imported. (pydantic itself is: typer >= 0.29 coerces every option's value with it.)
-CLIENT = ("cli.client", "registry.core.schemas", "registry.core.jobs", "registry.core.compat")
+# checker are imported, nor pydantic itself (typer >= 0.29 would: it coerces every option's
+# value through pydantic, which is why pyproject.toml keeps typer below 0.29).
+CLIENT = (
+    "cli.client",
+    "registry.core.schemas",
+    "registry.core.jobs",
+    "registry.core.compat",
+    "pydantic",
+)
 READ = SERVER_AND_WORKER + CLIENT
 COMMAND_MODULES = (
     "cli.adapter_commands",
