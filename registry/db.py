@@ -3,8 +3,9 @@
 One engine per process (`get_engine`). SQLite runs write transactions as `BEGIN IMMEDIATE`, so
 writers queue on the database lock instead of failing half-way, and read-only ones
 (`read_only(engine)`) as `BEGIN DEFERRED`; PostgreSQL relies on row locks
-(`SELECT ... FOR UPDATE`) taken by the services. The schema exists only through Alembic:
-`upgrade` applies migrations and `schema_status` tells the server whether it may start.
+(`SELECT ... FOR UPDATE`) taken by the services, and runs reads statement by statement. The
+schema exists only through Alembic: `upgrade` applies migrations and `schema_status` tells the
+server whether it may start.
 
 A PostgreSQL pool keeps one connection per request thread (`POOL_SIZE`, anyio's worker thread
 count: a request uses its connection only inside the thread that runs it), so steady load never
@@ -16,6 +17,7 @@ server or a firewall drops it), not on every checkout.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,8 +107,37 @@ def get_engine() -> Engine:
 
 
 def read_only(engine: Engine) -> Engine:
-    """The same engine (and pool), for transactions that only read."""
-    return engine.execution_options(sqlite_begin="DEFERRED")
+    """The same engine (and pool), for sessions that only read (the GET routes').
+
+    On PostgreSQL each statement runs on its own (autocommit): no BEGIN and COMMIT round trips,
+    which cost a one-statement read more CPU than the statement itself; a read of one statement
+    is one transaction, and a read of several sees committed data as of each statement. SQLite
+    reads in one DEFERRED transaction, which never takes the write lock. On both, a statement
+    other than a SELECT is refused before it runs (`_refuse_writes`): nothing a read session
+    does can write, let alone write half."""
+    reads = _READ_ENGINES.get(engine)
+    if reads is None:
+        options: dict[str, Any] = (
+            {"sqlite_begin": "DEFERRED"}
+            if engine.dialect.name == "sqlite"
+            else {"isolation_level": "AUTOCOMMIT"}
+        )
+        reads = _READ_ENGINES[engine] = engine.execution_options(**options)
+        sa.event.listen(reads, "before_cursor_execute", _refuse_writes)
+    return reads
+
+
+# Made once per engine (a read engine holds its own event listener).
+_READ_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+# What a read session may send: queries, and SQLite's BEGIN DEFERRED.
+_READS = ("SELECT", "WITH", "BEGIN DEFERRED")
+
+
+def _refuse_writes(_connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    if not statement[:32].lstrip().upper().startswith(_READS):
+        raise RuntimeError(f"a read-only session may only query, not run {statement[:80]!r}")
 
 
 def new_session(engine: Engine | None = None) -> Session:

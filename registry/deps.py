@@ -22,7 +22,6 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from registry.db import end_session, new_session, read_only
@@ -44,16 +43,8 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 async def get_read_session(request: Request) -> AsyncIterator[Session]:
     """For GET routes: never takes SQLite's write lock, so reads never queue behind writes."""
-    async with _transaction(new_session(_read_engine(request))) as session:
+    async with _transaction(new_session(read_only(request.app.state.engine))) as session:
         yield session
-
-
-def _read_engine(request: Request) -> Engine:
-    """`read_only(engine)`, made once per app."""
-    engine: Engine | None = getattr(request.app.state, "read_engine", None)
-    if engine is None:
-        engine = request.app.state.read_engine = read_only(request.app.state.engine)
-    return engine
 
 
 @asynccontextmanager

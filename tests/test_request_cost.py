@@ -28,7 +28,14 @@ from sqlmodel import select
 
 from registry.app import create_app
 from registry.auth import TOKEN_CACHE_S, TokenCache
-from registry.db import POOL_SIZE, make_engine, ping_after_idle, session_scope, upgrade
+from registry.db import (
+    POOL_SIZE,
+    make_engine,
+    ping_after_idle,
+    read_only,
+    session_scope,
+    upgrade,
+)
 from registry.models import ApiToken
 from registry.settings import Settings
 from registry.tokens import service as tokens
@@ -36,10 +43,13 @@ from registry.tokens.service import RevocationStamp, make_stamp_file
 from tests.conftest import PG_ADMIN_URL, own_server
 
 NAME = "team/cost"
-# Statements each read runs, besides BEGIN and COMMIT: what the services ask for today. A change
-# that adds a query to one of these routes must say so here.
+# Statements each read runs, besides SQLite's BEGIN and COMMIT (PostgreSQL runs reads without:
+# each statement on its own): what the services ask for today. A change that adds a query to one
+# of these routes must say so here.
 READS = {
-    "get version": (f"/api/v1/adapters/{NAME}/versions/1", 2),  # version with its adapter, files
+    "get version": (f"/api/v1/adapters/{NAME}/versions/1", 1),  # the version with its files
+    "get latest": (f"/api/v1/adapters/{NAME}/versions/latest", 2),  # + the yanked it skipped
+    "get by alias": (f"/api/v1/adapters/{NAME}/versions/production", 1),
     "list versions by metric": (
         f"/api/v1/adapters/{NAME}/versions?sort=-metrics.rougeL",
         1,  # the page, with the count of all versions
@@ -336,7 +346,9 @@ def test_postgresql_counts_one_transaction_and_one_session_for_ten_reads(served:
         pytest.skip("pg_stat_database counts PostgreSQL's transactions")
     database = served.settings.database_url.rsplit("/", 1)[1]
     engine = served.app.state.engine
-    paths = [path for path, _ in READS.values()]
+    # Reads of one statement each: on PostgreSQL a read runs each statement as its own
+    # transaction (`registry.db.read_only`), so one statement is one transaction.
+    paths = [path for path, statements in READS.values() if statements == 1]
     for path in paths:
         served.get(path)  # the token is trusted from here on
     close_pool(engine, database)
@@ -425,3 +437,38 @@ def test_worker_processes_share_the_embedded_worker_token_and_revocations(
             workers = listed.json()["items"]
             time.sleep(0.2)
         assert [w["name"] for w in workers] == [f"embedded-{server.process.pid}"], workers
+
+
+def test_a_read_session_runs_without_begin_and_commit_on_postgresql(served: Served) -> None:
+    """The driver connection serving a GET is in autocommit: psycopg sends no BEGIN before the
+    statement and no COMMIT after it (two round trips of the three a one-statement read cost)."""
+    if served.settings.is_sqlite:
+        pytest.skip("SQLite reads in one BEGIN DEFERRED transaction")
+    modes: list[bool] = []
+
+    def seen(connection: sa.Connection, *_: Any) -> None:
+        modes.append(connection.connection.dbapi_connection.autocommit)  # type: ignore[union-attr]
+
+    engine = served.app.state.engine
+    served.get(READS["get version"][0])
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        served.get(READS["get version"][0])
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert modes == [True], modes
+    # And a write session still runs in one transaction.
+    with engine.connect() as connection:
+        assert connection.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+
+
+def test_a_read_session_refuses_to_write_and_writes_nothing(served: Served) -> None:
+    engine = served.app.state.engine
+    with (
+        pytest.raises(RuntimeError, match="may only query"),
+        session_scope(read_only(engine)) as session,
+    ):
+        session.execute(sa.text("UPDATE adapters SET name = 'changed'"))
+    with session_scope(engine) as session:
+        names = session.execute(sa.text("SELECT name FROM adapters")).scalars().all()
+    assert names == [NAME.split("/")[1]]

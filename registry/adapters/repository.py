@@ -7,14 +7,14 @@ takes row locks, never writes except `lock_or_create_adapter`'s insert of a new 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from registry.core.errors import AdapterNotFound, AliasNotFound, VersionNotFound
 from registry.core.names import AdapterName, Reference
-from registry.models import Adapter, AdapterVersion, Alias
+from registry.models import Adapter, AdapterVersion, Alias, VersionFile
 from registry.repository import for_update, insert_ignore
 
 # Statements the reads run on every GET are built once, with bind parameters: building a select
@@ -79,15 +79,54 @@ _VERSION_BY: dict[str, Any] = {
 }
 
 
+def _with_files(versions: Any) -> Any:
+    """The version `versions` picks, with its files: one row per file, the version's columns and
+    then the file's as `file_path`, `file_size`, `file_sha256` (None for a version without
+    files), in path order."""
+    chosen = versions.subquery("chosen")
+    return (
+        sa.select(
+            chosen,
+            col(VersionFile.path).label("file_path"),
+            col(VersionFile.size).label("file_size"),
+            col(VersionFile.sha256).label("file_sha256"),
+        )
+        .outerjoin(VersionFile, col(VersionFile.version_id) == chosen.c.id)
+        .order_by(col(VersionFile.path))
+    )
+
+
+_VERSION_WITH_FILES_BY = {kind: _with_files(statement) for kind, statement in _VERSION_BY.items()}
+FILE_COLUMNS = ("file_path", "file_size", "file_sha256")
+
+
+def _params(ref: Reference) -> dict[str, Any]:
+    selector = ref.selector
+    value = selector.number if selector.kind == "number" else selector.value
+    return {"namespace": ref.name.namespace, "name": ref.name.name, "value": value}
+
+
 def resolve(session: Session, ref: Reference) -> AdapterVersion:
     """The version a reference points at, in one query; 404 with a specific code when there is
     none (the queries that tell which code run only then)."""
-    selector = ref.selector
-    value = selector.number if selector.kind == "number" else selector.value
-    params = {"namespace": ref.name.namespace, "name": ref.name.name, "value": value}
-    version = session.exec(_VERSION_BY[selector.kind], params=params).first()
+    version = session.exec(_VERSION_BY[ref.selector.kind], params=_params(ref)).first()
     if version is not None:
         return version  # type: ignore[no-any-return]
+    _not_found(session, ref)
+
+
+def resolve_with_files(session: Session, ref: Reference) -> list[sa.Row[Any]]:
+    """What `resolve` finds, with its files, in one query: rows of `_with_files`. For the reads
+    that show a version whole (a GET of a version costs one statement)."""
+    rows = list(session.execute(_VERSION_WITH_FILES_BY[ref.selector.kind], _params(ref)).all())
+    if rows:
+        return rows
+    _not_found(session, ref)
+
+
+def _not_found(session: Session, ref: Reference) -> NoReturn:
+    """The 404 for a reference that names no version: which one, found out only now."""
+    selector = ref.selector
     adapter = get_adapter_row(session, ref.name)  # AdapterNotFound
     if selector.kind == "alias":
         raise AliasNotFound(

@@ -17,11 +17,13 @@ from sqlmodel import Session, col, select
 
 from registry.access import Caller, check_alias_move
 from registry.adapters.repository import (
+    FILE_COLUMNS,
     VERSIONS_OF_NAMED,
     get_adapter_row,
     lock_adapter,
     lock_or_create_adapter,
     resolve,
+    resolve_with_files,
     yanked_after,
 )
 from registry.aliases import service as aliases
@@ -486,14 +488,25 @@ def yank_version(session: Session, caller: Caller, ref: Reference, reason: str) 
 def get_version(session: Session, ref: Reference) -> VersionOut:
     """The version a reference points at, with its files; `latest` notes the newer yanked
     versions it skipped."""
-    version = resolve(session, ref)
-    out = version_out(session, ref.name, version)
+    rows = resolve_with_files(session, ref)
+    fields = {key: value for key, value in rows[0]._mapping.items() if key not in FILE_COLUMNS}
+    files = [
+        VersionFileOut(
+            path=row.file_path,
+            size=row.file_size,
+            sha256=row.file_sha256,
+            url=blob_url(row.file_sha256),
+        )
+        for row in rows
+        if row.file_path is not None
+    ]
+    out = _out(ref.name, fields, files=files, created=None)
     if ref.selector.kind == "latest":
-        skipped = yanked_after(session, version.adapter_id, version.number)
+        skipped = yanked_after(session, fields["adapter_id"], out.number)
         if skipped:
             numbers = ", ".join(str(number) for number in skipped)
             out.note = (
-                f"latest is @{version.number}: newer version(s) {numbers} are yanked "
+                f"latest is @{out.number}: newer version(s) {numbers} are yanked "
                 f"(see lora-reg show {ref.name}@{skipped[-1]})"
             )
     return out
