@@ -79,6 +79,18 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def fill_pool(engine: Engine, count: int) -> None:
+    """Open `count` pooled connections now (PostgreSQL; SQLite has none to open), so that the
+    first moments of load, whose peak of connections used at once may come at any time, open
+    none: a server process calls it at start with what its read threads and background threads
+    hold at once (`registry.server.open_startup_connections`)."""
+    if engine.dialect.name == "sqlite":
+        return
+    connections = [engine.connect() for _ in range(count)]
+    for connection in connections:
+        connection.close()
+
+
 def ping_after_idle(engine: Engine, idle_s: float) -> None:
     """Check a pooled connection with a round trip before use when it has been idle for more
     than `idle_s` seconds: a dead one is replaced (the pool retries with a new connection) and

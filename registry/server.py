@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from registry.core.errors import Conflict, RegistryError
 from registry.core.schemas import Scope, TokenCreated
 from registry.core.tokens import DATABASE_ACTOR, EMBEDDED_WORKER_ACTOR
-from registry.db import make_engine, schema_status, session_scope, upgrade
+from registry.db import fill_pool, make_engine, schema_status, session_scope, upgrade
 from registry.settings import Settings
 
 if TYPE_CHECKING:
@@ -219,6 +219,16 @@ def default_workers() -> int:
     return max(1, min(cpus, MAX_DEFAULT_WORKERS))
 
 
+def open_startup_connections(app: FastAPI) -> None:
+    """Open the connections a serving process uses at once under steady reads: its read
+    threads' (`registry.guards.READ_THREADS`), a token look-up's and the webhook sender's; steady
+    read load then opens none. Writes and other threads open more as they need them, and the
+    pool keeps them (`registry.db.POOL_SIZE`)."""
+    from registry.guards import READ_THREADS
+
+    fill_pool(app.state.engine, READ_THREADS + 2)
+
+
 def worker_app() -> FastAPI:
     """The app of one worker process of `serve(workers=N)` (uvicorn calls it in each process)."""
     from registry.access import Caller
@@ -229,6 +239,7 @@ def worker_app() -> FastAPI:
     for digest, (name, scope) in json.loads(os.environ.get(INTERNAL_CALLERS_ENV, "{}")).items():
         app.state.internal_callers[digest] = Caller(name, scope)
     start_webhook_sender(app.state.engine)  # a daemon thread: it ends with the process
+    open_startup_connections(app)
     freeze_startup_objects()
     return app
 
@@ -331,6 +342,7 @@ def serve_one(app: FastAPI, host: str, port: int, log_level: str) -> None:
     from registry.webhooks.sender import start_webhook_sender
 
     stop_webhooks = start_webhook_sender(app.state.engine)
+    open_startup_connections(app)
     freeze_startup_objects()
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -36,7 +36,9 @@ from registry.db import (
     session_scope,
     upgrade,
 )
+from registry.guards import READ_THREADS
 from registry.models import ApiToken
+from registry.server import open_startup_connections
 from registry.settings import Settings
 from registry.tokens import service as tokens
 from registry.tokens.service import RevocationStamp, make_stamp_file
@@ -302,6 +304,24 @@ def test_the_pool_keeps_a_connection_for_every_request_thread(served: Served) ->
 
     hold_all()
     assert hold_all().connects == 0
+
+
+def test_a_serving_process_opens_at_start_what_steady_reads_hold_at_once(served: Served) -> None:
+    """`lora-reg server` fills its pool at start (`registry.server.open_startup_connections`):
+    the read threads, a token look-up and the webhook sender at once then open no connection,
+    however late in a run that peak comes."""
+    if served.settings.is_sqlite:
+        pytest.skip("SQLite opens a file, not a server session")
+    engine = served.app.state.engine
+    engine.dispose()
+    open_startup_connections(served.app)
+    with counted(engine) as cost:
+        connections = [engine.connect() for _ in range(READ_THREADS + 2)]
+        for connection in connections:
+            connection.exec_driver_sql("SELECT 1")
+        for connection in connections:
+            connection.close()
+    assert cost.connects == 0, cost
 
 
 # --- PostgreSQL's own count ------------------------------------------------------------------
