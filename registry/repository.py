@@ -1,16 +1,27 @@
-"""Small SQL helpers shared by the services: dialect-neutral upserts and row locks.
+"""Small SQL helpers shared by the services: dialect-neutral upserts and row locks, and the
+hot reads' way to run a statement.
 
 Services call these inside the request's transaction; nothing here commits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, SQLModel
+
+
+def core_rows(
+    session: Session, statement: Any, params: Mapping[str, Any] | None = None
+) -> Sequence[sa.Row[Any]]:
+    """The rows of a statement of columns (never of ORM entities), run on the session's
+    connection, in its transaction, without the ORM's execution layer: a tenth of the CPU of a
+    GET that runs one statement (bench/README.md, bench.api)."""
+    return session.connection().execute(statement, dict(params or {})).all()
 
 
 def insert_ignore(session: Session, model: type[SQLModel], rows: list[dict[str, Any]]) -> int:

@@ -6,6 +6,7 @@ takes row locks, never writes except `lock_or_create_adapter`'s insert of a new 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -15,7 +16,7 @@ from sqlmodel import Session, col, select
 from registry.core.errors import AdapterNotFound, AliasNotFound, VersionNotFound
 from registry.core.names import AdapterName, Reference
 from registry.models import Adapter, AdapterVersion, Alias, VersionFile
-from registry.repository import for_update, insert_ignore
+from registry.repository import core_rows, for_update, insert_ignore
 
 # Statements the reads run on every GET are built once, with bind parameters: building a select
 # costs the server more CPU than PostgreSQL spends running it. The adapter is named by the
@@ -115,10 +116,10 @@ def resolve(session: Session, ref: Reference) -> AdapterVersion:
     _not_found(session, ref)
 
 
-def resolve_with_files(session: Session, ref: Reference) -> list[sa.Row[Any]]:
+def resolve_with_files(session: Session, ref: Reference) -> Sequence[sa.Row[Any]]:
     """What `resolve` finds, with its files, in one query: rows of `_with_files`. For the reads
     that show a version whole (a GET of a version costs one statement)."""
-    rows = list(session.execute(_VERSION_WITH_FILES_BY[ref.selector.kind], _params(ref)).all())
+    rows = core_rows(session, _VERSION_WITH_FILES_BY[ref.selector.kind], _params(ref))
     if rows:
         return rows
     _not_found(session, ref)

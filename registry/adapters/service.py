@@ -82,7 +82,7 @@ from registry.models import (
     VersionMetric,
     as_utc,
 )
-from registry.repository import count
+from registry.repository import core_rows, count
 from registry.settings import Settings
 from registry.storage import ObjectStore
 
@@ -749,7 +749,7 @@ def list_versions(
         "limit": limit,
         "offset": offset,
     }
-    rows = session.execute(_VERSIONS_SORTED[key, descending], params).all()
+    rows = core_rows(session, _VERSIONS_SORTED[key, descending], params)
     if rows:
         total = rows[0].total
     else:  # no rows to count with: no such adapter (404), no versions, or a page past the end

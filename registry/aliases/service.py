@@ -48,7 +48,7 @@ from registry.models import (
     VersionFile,
     as_utc,
 )
-from registry.repository import count
+from registry.repository import core_rows, count
 from registry.settings import Settings
 
 
@@ -233,7 +233,7 @@ _ONE_ALIAS = _OF_ADAPTER.where(col(Alias.name) == sa.bindparam("alias"))
 
 def list_aliases(session: Session, name: AdapterName) -> list[AliasOut]:
     params = {"namespace": name.namespace, "name": name.name}
-    rows = session.execute(_OF_ADAPTER, params).all()
+    rows = core_rows(session, _OF_ADAPTER, params)
     if not rows:
         get_adapter_row(session, name)  # AdapterNotFound, or an adapter without aliases
     return [_row_out(row) for row in rows]
@@ -255,12 +255,12 @@ def aliases_of(session: Session, names: list[str]) -> dict[str, list[AliasOut]]:
 
 def current_alias(session: Session, name: AdapterName, alias: str) -> AliasOut:
     params = {"namespace": name.namespace, "name": name.name, "alias": alias}
-    row = session.execute(_ONE_ALIAS, params).first()
-    if row is None:
+    rows = core_rows(session, _ONE_ALIAS, params)
+    if not rows:
         adapter = get_adapter_row(session, name)  # AdapterNotFound
         check_alias(alias)  # a malformed name is a 422, as before
         raise AliasNotFound(f"{_adapter_label(adapter)} has no alias {alias!r}", alias=alias)
-    return _row_out(row)
+    return _row_out(rows[0])
 
 
 def who_runs(session: Session, alias: str, limit: int, offset: int) -> Page[AliasOut]:
