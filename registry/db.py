@@ -125,7 +125,7 @@ def read_only(engine: Engine) -> Engine:
     which cost a one-statement read more CPU than the statement itself; a read of one statement
     is one transaction, and a read of several sees committed data as of each statement. SQLite
     reads in one DEFERRED transaction, which never takes the write lock. On both, a statement
-    other than a SELECT is refused before it runs (`_refuse_writes`): nothing a read session
+    other than a query is refused before it runs (`_refuse_writes`): nothing a read session
     does can write, let alone write half."""
     reads = _READ_ENGINES.get(engine)
     if reads is None:
